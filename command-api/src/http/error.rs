@@ -1,0 +1,165 @@
+//! The command API's errors: each variant knows its status and code; 5xx are
+//! logged here, once, with their cause chain, and their details stay private.
+
+use std::collections::BTreeMap;
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use platform::http::error_response;
+
+use crate::domain::DomainError;
+use crate::store::{AppendError, LoadError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the body is not JSON.
+    #[error("malformed JSON: {0}")]
+    MalformedJson(String),
+    /// 400: the id in the path is not a UUID.
+    #[error("the id is not a valid UUID")]
+    InvalidId,
+    /// 401: no bearer token.
+    #[error("this command needs an admin bearer token")]
+    Unauthenticated,
+    /// 403: a bearer token that is not the admin token.
+    #[error("the bearer token is not allowed to do this")]
+    Forbidden,
+    /// 404: no such user.
+    #[error("no user with this id")]
+    UserNotFound,
+    /// 409: the username is reserved by another user.
+    #[error("the username is taken")]
+    UsernameTaken,
+    /// 409: the email is reserved by another user.
+    #[error("the email is taken")]
+    EmailTaken,
+    /// 409: the user is already in the requested state.
+    #[error("{0}")]
+    StateConflict(DomainError),
+    /// 409: other commands kept winning the race for this user.
+    #[error("the user was changed concurrently; retry")]
+    ConcurrentModification,
+    /// 413: the body is larger than the limit.
+    #[error("the body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    /// 415: the body is not declared as JSON.
+    #[error("the body must be sent as application/json")]
+    UnsupportedMediaType,
+    /// 422: the JSON does not have the expected fields or types, or values break the rules.
+    #[error("{message}")]
+    Invalid {
+        message: String,
+        fields: BTreeMap<String, String>,
+    },
+    /// 503: a dependency (PostgreSQL) is unreachable; the request may be retried.
+    #[error("a dependency is unavailable")]
+    Unavailable(#[source] anyhow::Error),
+    /// 500: anything else; details are logged, not returned.
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MalformedJson(_) | Self::InvalidId => StatusCode::BAD_REQUEST,
+            Self::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::UserNotFound => StatusCode::NOT_FOUND,
+            Self::UsernameTaken
+            | Self::EmailTaken
+            | Self::StateConflict(_)
+            | Self::ConcurrentModification => StatusCode::CONFLICT,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MalformedJson(_) => "malformed_json",
+            Self::InvalidId => "invalid_id",
+            Self::Unauthenticated => "unauthenticated",
+            Self::Forbidden => "forbidden",
+            Self::UserNotFound => "user_not_found",
+            Self::UsernameTaken => "username_taken",
+            Self::EmailTaken => "email_taken",
+            Self::StateConflict(DomainError::AlreadyDeactivated) => "already_deactivated",
+            Self::StateConflict(DomainError::AlreadyActive) => "already_active",
+            Self::StateConflict(_) => "conflict",
+            Self::ConcurrentModification => "concurrent_modification",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::Invalid { .. } => "validation_failed",
+            Self::Unavailable(_) => "unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<DomainError> for ApiError {
+    fn from(e: DomainError) -> Self {
+        match e {
+            DomainError::NotFound => Self::UserNotFound,
+            other => Self::StateConflict(other),
+        }
+    }
+}
+
+/// Connection-level failures mean "try again later", not "we are broken".
+fn from_sqlx(error: sqlx::Error) -> ApiError {
+    match error {
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+            ApiError::Unavailable(error.into())
+        }
+        other => ApiError::Internal(other.into()),
+    }
+}
+
+impl From<AppendError> for ApiError {
+    fn from(e: AppendError) -> Self {
+        match e {
+            AppendError::UsernameTaken => Self::UsernameTaken,
+            AppendError::EmailTaken => Self::EmailTaken,
+            AppendError::VersionConflict => Self::ConcurrentModification,
+            AppendError::Database(e) => from_sqlx(e),
+        }
+    }
+}
+
+impl From<LoadError> for ApiError {
+    fn from(e: LoadError) -> Self {
+        match e {
+            LoadError::Database(e) => from_sqlx(e),
+            decode @ LoadError::Decode { .. } => Self::Internal(decode.into()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            // `{:#}` on anyhow prints the whole cause chain on one line.
+            let cause = match &self {
+                Self::Unavailable(e) | Self::Internal(e) => format!("{e:#}"),
+                other => other.to_string(),
+            };
+            tracing::error!(code = self.code(), error = %cause, "request failed");
+        }
+        let fields = match &self {
+            Self::Invalid { fields, .. } => fields.clone(),
+            _ => BTreeMap::new(),
+        };
+        let mut response = error_response(status, self.code(), self.to_string(), fields);
+        if matches!(self, Self::Unauthenticated) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}

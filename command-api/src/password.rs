@@ -1,0 +1,89 @@
+//! argon2id hashing off the async runtime's worker threads, with bounded concurrency.
+//!
+//! A hash costs tens of milliseconds of one core. Computing it on a runtime
+//! worker would stall every other request on that worker, so it runs on the
+//! blocking pool; a semaphore caps how many run at once (default: one per core)
+//! so a burst of registrations queues instead of oversubscribing the CPU.
+
+use std::sync::Arc;
+
+use argon2::password_hash::{rand_core::OsRng, PasswordHasher as _, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use events::PasswordHash;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::Semaphore;
+
+/// OWASP's recommended argon2id parameters: m = 19 MiB, t = 2, p = 1.
+pub const MEMORY_KIB: u32 = 19 * 1024;
+pub const ITERATIONS: u32 = 2;
+pub const PARALLELISM: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HashError {
+    #[error("argon2 failed")]
+    Argon2(#[source] argon2::password_hash::Error),
+    #[error("the hashing task did not finish")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("the hasher is shut down")]
+    Closed(#[from] tokio::sync::AcquireError),
+}
+
+#[derive(Clone)]
+pub struct Hasher {
+    permits: Arc<Semaphore>,
+}
+
+impl Hasher {
+    pub fn new(concurrency: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(concurrency)),
+        }
+    }
+
+    /// Hashes `password` with a fresh random salt into a PHC string.
+    #[tracing::instrument(name = "argon2_hash", skip_all)]
+    pub async fn hash(&self, password: SecretString) -> Result<PasswordHash, HashError> {
+        let permit = self.permits.clone().acquire_owned().await?;
+        tokio::task::spawn_blocking(move || {
+            // Held until the hash is done, even if the request is dropped meanwhile.
+            let _permit = permit;
+            hash_blocking(password.expose_secret())
+        })
+        .await?
+    }
+}
+
+/// The synchronous hash; also what the benchmark times to find the machine's limit.
+pub fn hash_blocking(password: &str) -> Result<PasswordHash, HashError> {
+    let params = Params::new(MEMORY_KIB, ITERATIONS, PARALLELISM, None)
+        .expect("OWASP parameters are valid");
+    let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
+    let salt = SaltString::generate(&mut OsRng);
+    let phc = argon2
+        .hash_password(password.as_bytes(), &salt)
+        .map_err(HashError::Argon2)?;
+    Ok(PasswordHash::new(phc.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use argon2::password_hash::PasswordVerifier;
+
+    #[tokio::test]
+    async fn hashes_are_argon2id_with_owasp_parameters_and_verify() {
+        let hash = Hasher::new(1)
+            .hash(SecretString::from("correct horse battery"))
+            .await
+            .unwrap();
+        let phc = hash.expose();
+        assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
+        let parsed = argon2::PasswordHash::new(phc).unwrap();
+        assert!(Argon2::default()
+            .verify_password(b"correct horse battery", &parsed)
+            .is_ok());
+        assert!(Argon2::default()
+            .verify_password(b"wrong horse battery", &parsed)
+            .is_err());
+    }
+}

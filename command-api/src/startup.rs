@@ -1,0 +1,106 @@
+//! Building and running the command API: the HTTP server and the relay task.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+use crate::config::Settings;
+use crate::http::{self, AppState};
+use crate::password::Hasher;
+use crate::relay::{Relay, RelayStatus};
+use crate::store::EventStore;
+
+/// The shared migrations, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+pub struct Application {
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    relay: Option<Relay>,
+}
+
+/// A connection pool for `settings`, failing fast when PostgreSQL is unreachable.
+pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
+    let options: PgConnectOptions = settings
+        .database_url()
+        .parse()
+        .context("DATABASE_URL is not a valid PostgreSQL URL")?;
+    PgPoolOptions::new()
+        .max_connections(settings.database_max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options.application_name("command-api"))
+        .await
+        .context("cannot connect to PostgreSQL")
+}
+
+/// Applies pending migrations (concurrent callers serialise on sqlx's lock).
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    MIGRATOR
+        .run(pool)
+        .await
+        .context("cannot apply the migrations")
+}
+
+impl Application {
+    /// Connects, migrates, binds the listener (port 0 picks a free one) and
+    /// prepares the relay; nothing is served until [`Self::run_until_stopped`].
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let pool = connect(&settings).await?;
+        migrate(&pool).await?;
+        let status = RelayStatus::default();
+        let relay = if settings.relay.enabled {
+            Some(
+                Relay::new(
+                    pool.clone(),
+                    settings.kafka.clone(),
+                    settings.relay.clone(),
+                    status.clone(),
+                )
+                .context("cannot create the Kafka producer")?,
+            )
+        } else {
+            None
+        };
+        let state = AppState {
+            store: EventStore::new(pool),
+            hasher: Hasher::new(settings.hash_concurrency),
+            admin_token: Arc::new(settings.admin_token.clone()),
+            relay: status,
+        };
+        let listener = tokio::net::TcpListener::bind(settings.bind_addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.bind_addr))?;
+        Ok(Self {
+            listener,
+            router: http::router(state, settings.request_timeout),
+            relay,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until SIGINT/SIGTERM, then drains requests and stops the relay.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let addr = self.local_addr()?;
+        let (trigger, shutdown) = platform::shutdown::channel();
+        let relay = self
+            .relay
+            .map(|relay| tokio::spawn(relay.run_until_stopped(shutdown.clone())));
+        tracing::info!(%addr, service = "command-api", "listening");
+        let served = platform::http::serve(self.listener, self.router, async move {
+            platform::shutdown::signal().await;
+            trigger.fire();
+        })
+        .await;
+        if let Some(relay) = relay {
+            relay.await.context("the relay task panicked")?;
+        }
+        served.context("the HTTP server failed")
+    }
+}

@@ -1,0 +1,245 @@
+//! The public contract on Kafka: one CloudEvents 1.0 message per event, in the
+//! Kafka binary binding (attributes as `ce_*` headers, the data as a JSON body).
+//!
+//! The body carries the user id, the stream version, the global position, the
+//! time and the event's public data. Secrets never enter this type: it is built
+//! from a [`RecordedEvent`] by dropping them.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::domain::{RecordedEvent, UserEvent};
+
+pub const SPEC_VERSION: &str = "1.0";
+pub const CONTENT_TYPE: &str = "application/json";
+
+/// The public data of an event, by type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PublicChange {
+    Registered { username: String, email: String },
+    Deactivated { reason: Option<String> },
+    Reactivated { reason: Option<String> },
+}
+
+/// One message on the topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IntegrationEvent {
+    pub event_id: Uuid,
+    pub user_id: Uuid,
+    pub stream_version: i32,
+    pub global_position: i64,
+    pub occurred_at: DateTime<Utc>,
+    pub change: PublicChange,
+}
+
+/// The JSON body of a message.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Body<D> {
+    user_id: Uuid,
+    stream_version: i32,
+    global_position: i64,
+    occurred_at: DateTime<Utc>,
+    data: D,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisteredData {
+    username: String,
+    email: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReasonData {
+    reason: Option<String>,
+}
+
+/// Why a message could not be read as an integration event.
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    #[error("missing header {0}")]
+    MissingHeader(&'static str),
+    #[error("unknown ce_type {0:?}")]
+    UnknownType(String),
+    #[error("ce_id {0:?} is not a uuid")]
+    BadId(String),
+    #[error("malformed body")]
+    Body(#[from] serde_json::Error),
+}
+
+impl IntegrationEvent {
+    pub const TYPE_REGISTERED: &'static str = "user.registered.v1";
+    pub const TYPE_DEACTIVATED: &'static str = "user.deactivated.v1";
+    pub const TYPE_REACTIVATED: &'static str = "user.reactivated.v1";
+
+    /// The public form of a stored event (the password hash stays behind).
+    pub fn from_recorded(recorded: &RecordedEvent) -> Self {
+        let change = match &recorded.event {
+            UserEvent::Registered(e) => PublicChange::Registered {
+                username: e.username.clone(),
+                email: e.email.clone(),
+            },
+            UserEvent::Deactivated(e) => PublicChange::Deactivated {
+                reason: e.reason.clone(),
+            },
+            UserEvent::Reactivated(e) => PublicChange::Reactivated {
+                reason: e.reason.clone(),
+            },
+        };
+        Self {
+            event_id: recorded.event_id,
+            user_id: recorded.stream_id,
+            stream_version: recorded.stream_version,
+            global_position: recorded.global_position,
+            occurred_at: recorded.recorded_at,
+            change,
+        }
+    }
+
+    /// The `ce_type` attribute.
+    pub fn ce_type(&self) -> &'static str {
+        match self.change {
+            PublicChange::Registered { .. } => Self::TYPE_REGISTERED,
+            PublicChange::Deactivated { .. } => Self::TYPE_DEACTIVATED,
+            PublicChange::Reactivated { .. } => Self::TYPE_REACTIVATED,
+        }
+    }
+
+    /// The Kafka message key: the user id, so one user's events share a partition.
+    pub fn key(&self) -> String {
+        self.user_id.to_string()
+    }
+
+    /// The CloudEvents attributes as Kafka headers (binary content mode).
+    pub fn headers(&self, source: &str) -> [(&'static str, String); 7] {
+        [
+            ("ce_specversion", SPEC_VERSION.to_owned()),
+            ("ce_id", self.event_id.to_string()),
+            ("ce_type", self.ce_type().to_owned()),
+            ("ce_source", source.to_owned()),
+            (
+                "ce_time",
+                self.occurred_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            ),
+            ("ce_subject", self.user_id.to_string()),
+            ("content-type", CONTENT_TYPE.to_owned()),
+        ]
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Vec<u8> {
+        match &self.change {
+            PublicChange::Registered { username, email } => self.encode(RegisteredData {
+                username: username.clone(),
+                email: email.clone(),
+            }),
+            PublicChange::Deactivated { reason } | PublicChange::Reactivated { reason } => {
+                self.encode(ReasonData {
+                    reason: reason.clone(),
+                })
+            }
+        }
+    }
+
+    fn encode<D: Serialize>(&self, data: D) -> Vec<u8> {
+        let body = Body {
+            user_id: self.user_id,
+            stream_version: self.stream_version,
+            global_position: self.global_position,
+            occurred_at: self.occurred_at,
+            data,
+        };
+        serde_json::to_vec(&body).expect("integration events serialise to JSON")
+    }
+
+    /// Reads a message back from its `ce_id`, `ce_type` and body.
+    pub fn decode(ce_id: &str, ce_type: &str, body: &[u8]) -> Result<Self, MessageError> {
+        let event_id = Uuid::parse_str(ce_id).map_err(|_| MessageError::BadId(ce_id.to_owned()))?;
+        let raw: Body<serde_json::Value> = serde_json::from_slice(body)?;
+        let change = match ce_type {
+            Self::TYPE_REGISTERED => {
+                let d: RegisteredData = serde_json::from_value(raw.data)?;
+                PublicChange::Registered {
+                    username: d.username,
+                    email: d.email,
+                }
+            }
+            Self::TYPE_DEACTIVATED => PublicChange::Deactivated {
+                reason: serde_json::from_value::<ReasonData>(raw.data)?.reason,
+            },
+            Self::TYPE_REACTIVATED => PublicChange::Reactivated {
+                reason: serde_json::from_value::<ReasonData>(raw.data)?.reason,
+            },
+            other => return Err(MessageError::UnknownType(other.to_owned())),
+        };
+        Ok(Self {
+            event_id,
+            user_id: raw.user_id,
+            stream_version: raw.stream_version,
+            global_position: raw.global_position,
+            occurred_at: raw.occurred_at,
+            change,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{PasswordHash, UserDeactivated, UserRegistered};
+
+    fn recorded(event: UserEvent) -> RecordedEvent {
+        RecordedEvent {
+            global_position: 42,
+            stream_id: Uuid::new_v4(),
+            stream_version: 1,
+            event_id: Uuid::new_v4(),
+            recorded_at: Utc::now(),
+            event,
+        }
+    }
+
+    #[test]
+    fn registered_message_has_no_password_hash_and_round_trips() {
+        let stored = recorded(UserEvent::Registered(UserRegistered {
+            username: "alice".into(),
+            email: "alice@example.com".into(),
+            password_hash: PasswordHash::new("$argon2id$v=19$m=19456,t=2,p=1$salt$hash".into()),
+        }));
+        let public = IntegrationEvent::from_recorded(&stored);
+        let body = public.body();
+        assert!(!String::from_utf8_lossy(&body).contains("argon2"));
+
+        let headers = public.headers("urn:test");
+        let get = |k: &str| headers.iter().find(|(n, _)| *n == k).unwrap().1.clone();
+        assert_eq!(get("ce_type"), "user.registered.v1");
+        assert_eq!(get("ce_subject"), stored.stream_id.to_string());
+        let back = IntegrationEvent::decode(&get("ce_id"), &get("ce_type"), &body).unwrap();
+        assert_eq!(back, public);
+    }
+
+    #[test]
+    fn decode_uses_the_type_header_to_tell_events_apart() {
+        let public = IntegrationEvent::from_recorded(&recorded(UserEvent::Deactivated(
+            UserDeactivated { reason: None },
+        )));
+        let id = public.event_id.to_string();
+        let as_reactivated =
+            IntegrationEvent::decode(&id, IntegrationEvent::TYPE_REACTIVATED, &public.body())
+                .unwrap();
+        assert_eq!(as_reactivated.change, PublicChange::Reactivated { reason: None });
+        assert!(matches!(
+            IntegrationEvent::decode(&id, "user.renamed.v1", &public.body()),
+            Err(MessageError::UnknownType(_))
+        ));
+        assert!(matches!(
+            IntegrationEvent::decode(&id, IntegrationEvent::TYPE_REGISTERED, &public.body()),
+            Err(MessageError::Body(_))
+        ));
+    }
+}

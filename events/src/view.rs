@@ -1,0 +1,187 @@
+//! The user read model and the pure projection that builds it.
+//!
+//! [`project`] decides what one event does to the current view: apply it when it
+//! is the next version, skip it when it was already applied (Kafka delivers at
+//! least once), and report a gap when versions are missing, so the caller can
+//! surface it instead of papering over it.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::integration::{IntegrationEvent, PublicChange};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UserStatus {
+    Active,
+    Deactivated,
+}
+
+impl UserStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Deactivated => "deactivated",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(Self::Active),
+            "deactivated" => Some(Self::Deactivated),
+            _ => None,
+        }
+    }
+}
+
+/// What the query API serves for one user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserView {
+    pub id: Uuid,
+    pub username: String,
+    pub email: String,
+    pub status: UserStatus,
+    pub version: i32,
+    pub registered_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What one event does to a view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Projection {
+    /// The event is the next one: this is the new view.
+    Apply(UserView),
+    /// The view already includes this event (a redelivery).
+    AlreadyApplied,
+    /// Versions are missing between the view and the event.
+    Gap { current: i32, event: i32 },
+    /// The event cannot follow the view (e.g. a second UserRegistered, or a
+    /// status change of a user the view has never seen at version 0).
+    Invalid { current: i32, event: i32 },
+}
+
+/// Decides the effect of `event` on `current` (None: no view yet).
+pub fn project(current: Option<&UserView>, event: &IntegrationEvent) -> Projection {
+    let current_version = current.map_or(0, |v| v.version);
+    if event.stream_version <= current_version {
+        return Projection::AlreadyApplied;
+    }
+    if event.stream_version > current_version + 1 {
+        return Projection::Gap {
+            current: current_version,
+            event: event.stream_version,
+        };
+    }
+    let invalid = Projection::Invalid {
+        current: current_version,
+        event: event.stream_version,
+    };
+    match (current, &event.change) {
+        (None, PublicChange::Registered { username, email }) => Projection::Apply(UserView {
+            id: event.user_id,
+            username: username.clone(),
+            email: email.clone(),
+            status: UserStatus::Active,
+            version: event.stream_version,
+            registered_at: event.occurred_at,
+            updated_at: event.occurred_at,
+        }),
+        (Some(view), PublicChange::Deactivated { .. }) => Projection::Apply(UserView {
+            status: UserStatus::Deactivated,
+            version: event.stream_version,
+            updated_at: event.occurred_at,
+            ..view.clone()
+        }),
+        (Some(view), PublicChange::Reactivated { .. }) => Projection::Apply(UserView {
+            status: UserStatus::Active,
+            version: event.stream_version,
+            updated_at: event.occurred_at,
+            ..view.clone()
+        }),
+        _ => invalid,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(version: i32, change: PublicChange) -> IntegrationEvent {
+        IntegrationEvent {
+            event_id: Uuid::new_v4(),
+            user_id: Uuid::nil(),
+            stream_version: version,
+            global_position: i64::from(version),
+            occurred_at: Utc::now(),
+            change,
+        }
+    }
+
+    fn registered() -> IntegrationEvent {
+        event(
+            1,
+            PublicChange::Registered {
+                username: "alice".into(),
+                email: "alice@example.com".into(),
+            },
+        )
+    }
+
+    fn applied(p: Projection) -> UserView {
+        match p {
+            Projection::Apply(v) => v,
+            other => panic!("expected Apply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn registration_then_deactivation_builds_a_deactivated_view() {
+        let v1 = applied(project(None, &registered()));
+        assert_eq!((v1.status, v1.version), (UserStatus::Active, 1));
+        let off = event(2, PublicChange::Deactivated { reason: None });
+        let v2 = applied(project(Some(&v1), &off));
+        assert_eq!((v2.status, v2.version), (UserStatus::Deactivated, 2));
+        assert_eq!(v2.registered_at, v1.registered_at);
+        assert_eq!(v2.updated_at, off.occurred_at);
+    }
+
+    #[test]
+    fn a_redelivered_event_is_skipped() {
+        let v1 = applied(project(None, &registered()));
+        assert_eq!(project(Some(&v1), &registered()), Projection::AlreadyApplied);
+    }
+
+    #[test]
+    fn a_missing_version_is_reported_as_a_gap() {
+        let v1 = applied(project(None, &registered()));
+        let third = event(3, PublicChange::Reactivated { reason: None });
+        assert_eq!(
+            project(Some(&v1), &third),
+            Projection::Gap {
+                current: 1,
+                event: 3
+            }
+        );
+        let first_seen_at_two = event(2, PublicChange::Deactivated { reason: None });
+        assert_eq!(
+            project(None, &first_seen_at_two),
+            Projection::Gap {
+                current: 0,
+                event: 2
+            }
+        );
+    }
+
+    #[test]
+    fn a_status_change_cannot_start_a_stream() {
+        let first = event(1, PublicChange::Deactivated { reason: None });
+        assert_eq!(
+            project(None, &first),
+            Projection::Invalid {
+                current: 0,
+                event: 1
+            }
+        );
+    }
+}

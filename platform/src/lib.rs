@@ -1,0 +1,6 @@
+//! Plumbing shared by command-api, query-api and projector, so none of them copies it.
+
+pub mod config;
+pub mod http;
+pub mod shutdown;
+pub mod telemetry;
