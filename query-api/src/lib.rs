@@ -1,1 +1,6 @@
-//! placeholder
+//! userstream's query API: serves the user views from Redis, falling back to
+//! the PostgreSQL read model on a miss or when Redis is away.
+
+pub mod config;
+pub mod http;
+pub mod startup;

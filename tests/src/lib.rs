@@ -1,1 +1,324 @@
-//! placeholder
+//! Helpers for userstream's end-to-end tests.
+//!
+//! Every test gets its own PostgreSQL database (migrated), Kafka topic, consumer
+//! group and Redis key prefix, so tests run in parallel against one real stack
+//! without seeing each other. Services are the real binaries, started as child
+//! processes on port 0; their JSON log lines are kept for assertions.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Headers;
+use rdkafka::{ClientConfig, Message};
+use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
+
+/// The stack the project's `scripts/stack up` starts; overridable for other hosts.
+pub fn admin_database_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://userstream:userstream@127.0.0.1:5432/userstream".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+pub fn kafka_brokers() -> String {
+    std::env::var("TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// A development-only admin token for the services a test starts.
+pub const TEST_ADMIN_TOKEN: &str = "test-admin-token-not-a-secret";
+
+/// Polls `check` until it returns `Some`, or panics after `deadline` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < until,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One test's private slice of the stack.
+pub struct TestEnv {
+    pub database_name: String,
+    pub database_url: String,
+    pub pool: PgPool,
+    pub topic: String,
+    pub group_id: String,
+    pub redis_prefix: String,
+}
+
+impl TestEnv {
+    /// Creates and migrates a fresh database; names a fresh topic and prefix.
+    pub async fn new() -> Self {
+        let suffix = Uuid::new_v4().simple().to_string();
+        let database_name = format!("test_{suffix}");
+        let admin_url = admin_database_url();
+        let mut admin = PgConnection::connect(&admin_url)
+            .await
+            .expect("PostgreSQL is reachable (run `scripts/stack up`)");
+        sqlx::query(&format!("CREATE DATABASE {database_name}"))
+            .execute(&mut admin)
+            .await
+            .expect("the test role may create databases");
+        admin.close().await.ok();
+        let database_url = match admin_url.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{database_name}"),
+            None => panic!("TEST_DATABASE_URL has no database name: {admin_url}"),
+        };
+        let pool = PgPool::connect(&database_url)
+            .await
+            .expect("connect to the test database");
+        command_api::startup::migrate(&pool)
+            .await
+            .expect("migrations apply");
+        Self {
+            database_name,
+            database_url,
+            pool,
+            topic: format!("test.users.{suffix}"),
+            group_id: format!("test-projector-{suffix}"),
+            redis_prefix: format!("test:{suffix}:"),
+        }
+    }
+
+    /// The environment every service of this test shares.
+    fn service_env(&self) -> BTreeMap<&'static str, String> {
+        BTreeMap::from([
+            ("DATABASE_URL", self.database_url.clone()),
+            ("REDIS_URL", redis_url()),
+            ("REDIS_KEY_PREFIX", self.redis_prefix.clone()),
+            ("KAFKA_BROKERS", kafka_brokers()),
+            ("KAFKA_TOPIC", self.topic.clone()),
+            ("KAFKA_GROUP_ID", self.group_id.clone()),
+            ("ADMIN_TOKEN", TEST_ADMIN_TOKEN.to_owned()),
+            ("BIND_ADDR", "127.0.0.1:0".to_owned()),
+            ("LOG_FORMAT", "json".to_owned()),
+            ("RUST_LOG", "info".to_owned()),
+        ])
+    }
+
+    /// Starts a service binary with this test's environment (plus `extra`)
+    /// and waits until it logs the address it listens on.
+    pub async fn spawn(&self, service: Service, extra: &[(&str, &str)]) -> Running {
+        let path = binary(service.binary());
+        let mut command = Command::new(&path);
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(self.service_env())
+            .envs(extra.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", path.display()));
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let logs = Arc::clone(&logs);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    logs.lock().expect("log lock").push(line);
+                }
+            });
+        }
+        let mut running = Running {
+            service,
+            child,
+            addr: None,
+            logs,
+        };
+        let addr = eventually(
+            &format!("{} to listen", service.binary()),
+            Duration::from_secs(30),
+            || {
+                let found = running.listening_addr();
+                let exited = running.child.try_wait().ok().flatten();
+                async move {
+                    if let Some(status) = exited {
+                        return Some(Err(status));
+                    }
+                    found.map(Ok)
+                }
+            },
+        )
+        .await;
+        match addr {
+            Ok(addr) => running.addr = Some(addr),
+            Err(status) => panic!(
+                "{} exited early with {status}:\n{}",
+                service.binary(),
+                running.logs().join("\n")
+            ),
+        }
+        running
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    CommandApi,
+    Projector,
+    QueryApi,
+}
+
+impl Service {
+    pub fn binary(self) -> &'static str {
+        match self {
+            Self::CommandApi => "command-api",
+            Self::Projector => "projector",
+            Self::QueryApi => "query-api",
+        }
+    }
+}
+
+/// The service binaries sit next to the test binary's `deps/` folder.
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps layout");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the services first (`cargo build --workspace --bins`, which `make test` does)",
+        path.display()
+    );
+    path
+}
+
+/// A service started by a test; killed when dropped.
+pub struct Running {
+    pub service: Service,
+    child: Child,
+    addr: Option<SocketAddr>,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Running {
+    pub fn url(&self, path: &str) -> String {
+        let addr = self.addr.expect("service is listening");
+        format!("http://{addr}{path}")
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().expect("log lock").clone()
+    }
+
+    fn listening_addr(&self) -> Option<SocketAddr> {
+        self.logs().iter().find_map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).ok()?;
+            (value["message"] == "listening")
+                .then(|| value["addr"].as_str()?.parse().ok())
+                .flatten()
+        })
+    }
+
+    /// Asks the service to stop (SIGTERM) and waits for it to exit.
+    pub async fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let status = eventually("service to exit", Duration::from_secs(15), || {
+            let status = self.child.try_wait().ok().flatten();
+            async move { status }
+        })
+        .await;
+        status
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One message read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct KafkaMessage {
+    pub key: Option<String>,
+    pub partition: i32,
+    pub offset: i64,
+    pub headers: BTreeMap<String, String>,
+    pub body: serde_json::Value,
+    pub raw: String,
+}
+
+/// Reads `topic` from the beginning until `done` holds for what was read.
+pub async fn read_topic(
+    topic: &str,
+    deadline: Duration,
+    done: impl Fn(&[KafkaMessage]) -> bool,
+) -> Vec<KafkaMessage> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", format!("test-reader-{}", Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("kafka consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let until = Instant::now() + deadline;
+    let mut seen = Vec::new();
+    while !done(&seen) {
+        let left = until.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "timed out after {deadline:?} reading {topic}; read {} messages",
+            seen.len()
+        );
+        let Ok(received) = tokio::time::timeout(left, consumer.recv()).await else {
+            continue;
+        };
+        let message = received.expect("kafka message");
+        let headers = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        let value = h.value.map(String::from_utf8_lossy).unwrap_or_default();
+                        (h.key.to_owned(), value.into_owned())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let raw = String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned();
+        seen.push(KafkaMessage {
+            key: message
+                .key()
+                .map(|k| String::from_utf8_lossy(k).into_owned()),
+            partition: message.partition(),
+            offset: message.offset(),
+            headers,
+            body: serde_json::from_str(&raw).unwrap_or(serde_json::Value::Null),
+            raw,
+        });
+    }
+    seen
+}

@@ -1,0 +1,107 @@
+//! Building and running the projector: the consumer task and a small HTTP
+//! server for /healthz, /readyz and /metrics.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use read_model::{ViewCache, ViewRows};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::apply::ReadModel;
+use crate::config::Settings;
+use crate::worker::Worker;
+
+pub struct Application {
+    listener: tokio::net::TcpListener,
+    router: Router,
+    worker: Worker,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let options: PgConnectOptions = settings
+            .database_url()
+            .parse()
+            .context("DATABASE_URL is not a valid PostgreSQL URL")?;
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.database_max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options.application_name("projector"))
+            .await
+            .context("cannot connect to PostgreSQL")?;
+        let cache = ViewCache::new(
+            settings.redis_url(),
+            settings.redis_key_prefix.clone(),
+            settings.redis_view_ttl,
+            settings.redis_timeout,
+        )
+        .context("REDIS_URL is invalid")?;
+        let model = ReadModel {
+            rows: ViewRows::new(pool),
+            cache,
+        };
+        let worker =
+            Worker::new(&settings, model.clone()).context("cannot create the Kafka consumer")?;
+        let router = Router::new()
+            .route("/healthz", get(platform::http::healthz))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(platform::http::metrics))
+            .with_state(model);
+        let listener = tokio::net::TcpListener::bind(settings.bind_addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.bind_addr))?;
+        Ok(Self {
+            listener,
+            router: platform::http::layers(router, Duration::from_secs(5)),
+            worker,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let addr = self.local_addr()?;
+        let (trigger, shutdown) = platform::shutdown::channel();
+        let worker = tokio::spawn(self.worker.run_until_stopped(shutdown));
+        tracing::info!(%addr, service = "projector", "listening");
+        let served = platform::http::serve(self.listener, self.router, async move {
+            platform::shutdown::signal().await;
+            trigger.fire();
+        })
+        .await;
+        worker.await.context("the consumer task panicked")?;
+        served.context("the HTTP server failed")
+    }
+}
+
+/// Ready when PostgreSQL answers. Redis is reported but optional: without it
+/// the projection goes on and the query API reads PostgreSQL.
+#[tracing::instrument(name = "readyz", skip_all)]
+async fn readyz(State(model): State<ReadModel>) -> Response {
+    let postgres = tokio::time::timeout(
+        Duration::from_secs(2),
+        sqlx::query("SELECT 1").execute(model.rows.pool()),
+    )
+    .await
+    .map_err(|_| "timed out".to_owned())
+    .and_then(|r| {
+        r.map(|_| serde_json::json!("reachable"))
+            .map_err(|e| e.to_string())
+    });
+    let redis = match model.cache.ping().await {
+        Ok(()) => serde_json::json!("reachable"),
+        Err(error) => serde_json::json!({ "degraded": error.to_string() }),
+    };
+    platform::http::readiness(BTreeMap::from([
+        ("postgres", postgres),
+        ("redis", Ok(redis)),
+    ]))
+}

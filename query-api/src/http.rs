@@ -1,0 +1,144 @@
+//! The query API's HTTP surface.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use platform::http::error_response;
+use platform::telemetry::error_chain;
+use read_model::{ViewCache, ViewRows};
+use uuid::Uuid;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub rows: ViewRows,
+    pub cache: ViewCache,
+}
+
+pub fn router(state: AppState, request_timeout: Duration) -> Router {
+    let routes = Router::new()
+        .route("/users/{id}", get(get_user))
+        .route("/healthz", get(platform::http::healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(platform::http::metrics))
+        .with_state(state);
+    platform::http::layers(routes, request_timeout)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the id is not a UUID.
+    #[error("the id is not a valid UUID")]
+    InvalidId,
+    /// 404: no view for this id (unknown, or not projected yet).
+    #[error("no user with this id")]
+    UserNotFound,
+    /// 503: PostgreSQL is unreachable.
+    #[error("the read model is unavailable")]
+    Unavailable(#[source] sqlx::Error),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            Self::InvalidId => (StatusCode::BAD_REQUEST, "invalid_id"),
+            Self::UserNotFound => (StatusCode::NOT_FOUND, "user_not_found"),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        };
+        if status.is_server_error() {
+            tracing::error!(code, error = %error_chain(&self), "request failed");
+        }
+        error_response(status, code, self.to_string(), BTreeMap::new())
+    }
+}
+
+/// `GET /users/{id}`: the Redis view, or the PostgreSQL row on a miss (which
+/// then fills the cache). A Redis failure is a miss, never an error.
+#[tracing::instrument(name = "get_user", skip_all, fields(user_id = %id))]
+async fn get_user(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::InvalidId)?;
+    match state.cache.get(id).await {
+        Ok(Some(cached)) => {
+            metrics::counter!("query_cache_total", "result" => "hit").increment(1);
+            return Ok(respond(&headers, cached.version, cached.body));
+        }
+        Ok(None) => metrics::counter!("query_cache_total", "result" => "miss").increment(1),
+        Err(error) => {
+            metrics::counter!("query_cache_total", "result" => "error").increment(1);
+            tracing::warn!(error = %error_chain(&error), "Redis unavailable; reading PostgreSQL");
+        }
+    }
+    let view = state
+        .rows
+        .load(id)
+        .await
+        .map_err(ApiError::Unavailable)?
+        .ok_or(ApiError::UserNotFound)?;
+    let cache = state.cache.clone();
+    let fill = view.clone();
+    // Filling the cache is not on the reader's clock.
+    tokio::spawn(async move {
+        if let Err(error) = cache.put(&fill).await {
+            tracing::debug!(error = %error_chain(&error), "cache fill skipped");
+        }
+    });
+    let body = serde_json::to_string(&view).expect("views serialise to JSON");
+    Ok(respond(&headers, view.version, body))
+}
+
+/// 200 with the body and `ETag: "<version>"`, or 304 when the client has it.
+fn respond(headers: &HeaderMap, version: i32, body: String) -> Response {
+    let etag = format!("\"{version}\"");
+    let not_modified = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|tag| tag.trim() == etag || tag.trim() == "*"));
+    let etag = HeaderValue::from_str(&etag).expect("a quoted number is a valid header");
+    if not_modified {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
+    }
+    (
+        StatusCode::OK,
+        [
+            (header::ETAG, etag),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Ready when PostgreSQL answers; Redis is reported, but answers still come
+/// without it.
+#[tracing::instrument(name = "readyz", skip_all)]
+async fn readyz(State(state): State<AppState>) -> Response {
+    let postgres = tokio::time::timeout(
+        Duration::from_secs(2),
+        sqlx::query("SELECT 1").execute(state.rows.pool()),
+    )
+    .await
+    .map_err(|_| "timed out".to_owned())
+    .and_then(|r| {
+        r.map(|_| serde_json::json!("reachable"))
+            .map_err(|e| e.to_string())
+    });
+    let redis = match state.cache.ping().await {
+        Ok(()) => serde_json::json!("reachable"),
+        Err(error) => serde_json::json!({ "degraded": error.to_string() }),
+    };
+    platform::http::readiness(BTreeMap::from([
+        ("postgres", postgres),
+        ("redis", Ok(redis)),
+    ]))
+}

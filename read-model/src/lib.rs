@@ -1,0 +1,11 @@
+//! Where the user read model lives: the `user_views` table in PostgreSQL (the
+//! durable copy) and one Redis hash per user (the cached copy).
+//!
+//! Both writers (the projector, and the query API filling the cache on a miss)
+//! go through the same guarded writes, so neither store ever moves backwards.
+
+pub mod cache;
+pub mod rows;
+
+pub use cache::{CacheError, ViewCache};
+pub use rows::ViewRows;

@@ -1,0 +1,116 @@
+//! The walking skeleton, end to end on the real stack: register → log → Kafka
+//! → projector → query API, with the three real binaries.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use userstream_tests::{eventually, read_topic, Service, TestEnv, TEST_ADMIN_TOKEN};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn a_registered_then_deactivated_user_reaches_the_query_api_and_the_topic() {
+    let env = TestEnv::new().await;
+    let command = env.spawn(Service::CommandApi, &[]).await;
+    let projector = env.spawn(Service::Projector, &[]).await;
+    let query = env.spawn(Service::QueryApi, &[]).await;
+    let http = reqwest::Client::new();
+    let password = "correct horse battery staple";
+
+    let registered = http
+        .post(command.url("/users"))
+        .json(&json!({ "username": "  Skeleton_User ", "email": "Skeleton@Example.com", "password": password }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 201);
+    let location = registered.headers()["location"].to_str().unwrap().to_owned();
+    let registered: Value = registered.json().await.unwrap();
+    let id = registered["id"].as_str().unwrap().to_owned();
+    assert_eq!(location, format!("/users/{id}"));
+    assert_eq!(registered["version"], 1);
+    assert!(registered["position"].as_i64().unwrap() >= 1);
+
+    let deactivated = http
+        .post(command.url(&format!("/users/{id}/deactivate")))
+        .bearer_auth(TEST_ADMIN_TOKEN)
+        .json(&json!({ "reason": "end-to-end test" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deactivated.status(), 200);
+    let deactivated: Value = deactivated.json().await.unwrap();
+    assert_eq!(deactivated["version"], 2);
+    assert!(deactivated["position"].as_i64() > registered["position"].as_i64());
+
+    // Read side: eventually consistent, so poll until the view catches up.
+    let view: Value = eventually("the query API to show the deactivation", DEADLINE, || {
+        let http = http.clone();
+        let url = query.url(&format!("/users/{id}"));
+        async move {
+            let response = http.get(url).send().await.ok()?;
+            if response.status() != 200 {
+                return None;
+            }
+            let view: Value = response.json().await.ok()?;
+            (view["status"] == "deactivated").then_some(view)
+        }
+    })
+    .await;
+    assert_eq!(view["id"], id.as_str());
+    assert_eq!(view["username"], "skeleton_user");
+    assert_eq!(view["email"], "skeleton@example.com");
+    assert_eq!(view["version"], 2);
+
+    // The topic holds both events, keyed by the user id, in version order.
+    let messages = read_topic(&env.topic, DEADLINE, |seen| {
+        seen.iter().filter(|m| m.key.as_deref() == Some(id.as_str())).count() >= 2
+    })
+    .await;
+    let mine: Vec<_> = messages
+        .iter()
+        .filter(|m| m.key.as_deref() == Some(id.as_str()))
+        .collect();
+    let types: Vec<_> = mine.iter().map(|m| m.headers["ce_type"].as_str()).collect();
+    assert_eq!(types, ["user.registered.v1", "user.deactivated.v1"]);
+    for (message, version) in mine.iter().zip(1..) {
+        assert_eq!(message.headers["ce_specversion"], "1.0");
+        assert_eq!(message.headers["ce_subject"], id);
+        assert_eq!(message.headers["content-type"], "application/json");
+        assert_eq!(message.body["user_id"], id.as_str());
+        assert_eq!(message.body["stream_version"], version);
+    }
+    assert_eq!(mine[0].body["data"]["username"], "skeleton_user");
+    assert_eq!(mine[1].body["data"]["reason"], "end-to-end test");
+
+    // The password and its hash stay on the write side.
+    for message in &messages {
+        let everything = format!("{:?} {}", message.headers, message.raw);
+        assert!(!everything.contains("$argon2"), "hash leaked to Kafka: {everything}");
+        assert!(!everything.contains(password), "password leaked to Kafka");
+    }
+    let stored: String = sqlx::query_scalar(
+        "SELECT payload->>'password_hash' FROM events WHERE stream_id = $1::uuid AND stream_version = 1",
+    )
+    .bind(&id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(stored.starts_with("$argon2id$"), "the log keeps the hash");
+    for service in [&command, &projector, &query] {
+        for line in service.logs() {
+            assert!(!line.contains("$argon2"), "{:?} logged the hash: {line}", service.service);
+            assert!(!line.contains(password), "{:?} logged the password", service.service);
+        }
+    }
+}
+
+#[tokio::test]
+async fn services_stop_cleanly_on_sigterm() {
+    let env = TestEnv::new().await;
+    for service in [Service::CommandApi, Service::Projector, Service::QueryApi] {
+        let running = env.spawn(service, &[]).await;
+        let status = running.stop().await;
+        assert!(status.success(), "{service:?} exited with {status}");
+    }
+}
