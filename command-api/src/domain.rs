@@ -162,7 +162,9 @@ mod tests {
     fn reactivating_a_deactivated_user_records_user_reactivated() {
         assert_eq!(
             given(&[registered(), deactivated()])(Command::Reactivate { reason: None }),
-            Ok(vec![UserEvent::Reactivated(UserReactivated { reason: None })])
+            Ok(vec![UserEvent::Reactivated(UserReactivated {
+                reason: None
+            })])
         );
     }
 

@@ -7,7 +7,10 @@ async fn main() -> anyhow::Result<()> {
     platform::telemetry::init();
     let result = run().await;
     if let Err(error) = &result {
-        tracing::error!(error = format!("{error:#}"), "command-api stopped with an error");
+        tracing::error!(
+            error = format!("{error:#}"),
+            "command-api stopped with an error"
+        );
     }
     result
 }
@@ -22,7 +25,12 @@ async fn run() -> anyhow::Result<()> {
             tracing::info!("migrations applied");
             Ok(())
         }
-        None | Some("serve") => Application::build(settings).await?.run_until_stopped().await,
+        None | Some("serve") => {
+            Application::build(settings)
+                .await?
+                .run_until_stopped()
+                .await
+        }
         Some(other) => anyhow::bail!("unknown subcommand {other:?}; use `serve` or `migrate`"),
     }
 }

@@ -55,8 +55,8 @@ impl Hasher {
 
 /// The synchronous hash; also what the benchmark times to find the machine's limit.
 pub fn hash_blocking(password: &str) -> Result<PasswordHash, HashError> {
-    let params = Params::new(MEMORY_KIB, ITERATIONS, PARALLELISM, None)
-        .expect("OWASP parameters are valid");
+    let params =
+        Params::new(MEMORY_KIB, ITERATIONS, PARALLELISM, None).expect("OWASP parameters are valid");
     let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
     let salt = SaltString::generate(&mut OsRng);
     let phc = argon2

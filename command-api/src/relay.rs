@@ -51,7 +51,10 @@ pub enum RelayError {
     #[error("kafka refused or did not acknowledge a message")]
     Kafka(#[from] KafkaError),
     #[error("could not create topic {topic}: {code}")]
-    Topic { topic: String, code: RDKafkaErrorCode },
+    Topic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
 }
 
 /// The relay's position in the log: the last event Kafka acknowledged.
@@ -135,7 +138,8 @@ impl Relay {
         while !shutdown.is_requested() {
             if let Err(error) = self.lead(&mut shutdown).await {
                 tracing::error!(error = %error_chain(&error), "relay lost its database session; retrying");
-                self.status.update(|s| s.last_error = Some(error_chain(&error)));
+                self.status
+                    .update(|s| s.last_error = Some(error_chain(&error)));
             }
             self.status.update(|s| s.leader = false);
             metrics::gauge!("relay_leader").set(0.0);
@@ -203,7 +207,8 @@ impl Relay {
                 Err(error) => {
                     metrics::counter!("relay_publish_errors_total").increment(1);
                     tracing::error!(error = %error_chain(&error), retry_in_ms = backoff.as_millis() as u64, "relay could not publish; the checkpoint holds");
-                    self.status.update(|s| s.last_error = Some(error_chain(&error)));
+                    self.status
+                        .update(|s| s.last_error = Some(error_chain(&error)));
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
                         () = shutdown.requested() => {}
@@ -256,15 +261,15 @@ impl Relay {
         &self,
         event: &IntegrationEvent,
     ) -> Result<impl std::future::Future<Output = Result<(), KafkaError>>, KafkaError> {
-        let headers = event
-            .headers(&self.kafka.ce_source)
-            .iter()
-            .fold(OwnedHeaders::new(), |h, (key, value)| {
+        let headers = event.headers(&self.kafka.ce_source).iter().fold(
+            OwnedHeaders::new(),
+            |h, (key, value)| {
                 h.insert(Header {
                     key,
                     value: Some(value.as_bytes()),
                 })
-            });
+            },
+        );
         let key = event.key();
         let body = event.body();
         let record = FutureRecord::to(&self.kafka.topic)
@@ -334,10 +339,12 @@ async fn load_checkpoint(conn: &mut PgConnection, relay: &str) -> Result<Checkpo
     .bind(relay)
     .fetch_optional(conn)
     .await?;
-    Ok(row.map_or(Checkpoint::default(), |(xid, position)| Checkpoint {
-        transaction_id: xid,
-        global_position: position,
-    }))
+    Ok(
+        row.map_or(Checkpoint::default(), |(xid, position)| Checkpoint {
+            transaction_id: xid,
+            global_position: position,
+        }),
+    )
 }
 
 #[tracing::instrument(name = "sql_save_checkpoint", skip(conn))]
@@ -360,7 +367,17 @@ async fn save_checkpoint(
     Ok(())
 }
 
-type Row = (i64, i64, Uuid, i32, Uuid, String, i16, serde_json::Value, DateTime<Utc>);
+type Row = (
+    i64,
+    i64,
+    Uuid,
+    i32,
+    Uuid,
+    String,
+    i16,
+    serde_json::Value,
+    DateTime<Utc>,
+);
 
 /// The next events after `after`, from finished transactions only.
 #[tracing::instrument(name = "sql_read_batch", skip(conn))]

@@ -122,7 +122,8 @@ impl EventStore {
         metadata: &EventMetadata,
     ) -> Result<Appended, AppendError> {
         let mut tx = self.pool.begin().await?;
-        let appended = insert_events(&mut tx, stream_id, expected_version, events, metadata).await?;
+        let appended =
+            insert_events(&mut tx, stream_id, expected_version, events, metadata).await?;
         tx.commit().await?;
         Ok(appended)
     }

@@ -130,7 +130,9 @@ impl UserEvent {
             source,
         };
         Ok(match event_type {
-            Self::REGISTERED => Self::Registered(serde_json::from_value(payload).map_err(malformed)?),
+            Self::REGISTERED => {
+                Self::Registered(serde_json::from_value(payload).map_err(malformed)?)
+            }
             Self::DEACTIVATED => {
                 Self::Deactivated(serde_json::from_value(payload).map_err(malformed)?)
             }
@@ -147,7 +149,11 @@ impl UserEvent {
 /// Every event type is at version 1 today, so there is nothing to rewrite yet; a
 /// change of payload shape adds a step here (`(type, 1) => v1_to_v2(payload)`)
 /// and bumps [`UserEvent::current_schema_version`].
-fn upcast(_event_type: &str, _schema_version: i16, payload: serde_json::Value) -> serde_json::Value {
+fn upcast(
+    _event_type: &str,
+    _schema_version: i16,
+    payload: serde_json::Value,
+) -> serde_json::Value {
     payload
 }
 

@@ -138,11 +138,10 @@ impl IntegrationEvent {
                 username: username.clone(),
                 email: email.clone(),
             }),
-            PublicChange::Deactivated { reason } | PublicChange::Reactivated { reason } => {
-                self.encode(ReasonData {
+            PublicChange::Deactivated { reason } | PublicChange::Reactivated { reason } => self
+                .encode(ReasonData {
                     reason: reason.clone(),
-                })
-            }
+                }),
         }
     }
 
@@ -225,14 +224,18 @@ mod tests {
 
     #[test]
     fn decode_uses_the_type_header_to_tell_events_apart() {
-        let public = IntegrationEvent::from_recorded(&recorded(UserEvent::Deactivated(
-            UserDeactivated { reason: None },
-        )));
+        let public =
+            IntegrationEvent::from_recorded(&recorded(UserEvent::Deactivated(UserDeactivated {
+                reason: None,
+            })));
         let id = public.event_id.to_string();
         let as_reactivated =
             IntegrationEvent::decode(&id, IntegrationEvent::TYPE_REACTIVATED, &public.body())
                 .unwrap();
-        assert_eq!(as_reactivated.change, PublicChange::Reactivated { reason: None });
+        assert_eq!(
+            as_reactivated.change,
+            PublicChange::Reactivated { reason: None }
+        );
         assert!(matches!(
             IntegrationEvent::decode(&id, "user.renamed.v1", &public.body()),
             Err(MessageError::UnknownType(_))

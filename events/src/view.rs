@@ -149,7 +149,10 @@ mod tests {
     #[test]
     fn a_redelivered_event_is_skipped() {
         let v1 = applied(project(None, &registered()));
-        assert_eq!(project(Some(&v1), &registered()), Projection::AlreadyApplied);
+        assert_eq!(
+            project(Some(&v1), &registered()),
+            Projection::AlreadyApplied
+        );
     }
 
     #[test]

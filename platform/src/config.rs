@@ -13,7 +13,11 @@ pub struct InvalidSetting {
 
 impl fmt::Display for InvalidSetting {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}={:?} is invalid: {}", self.name, self.value, self.reason)
+        write!(
+            f,
+            "{}={:?} is invalid: {}",
+            self.name, self.value, self.reason
+        )
     }
 }
 

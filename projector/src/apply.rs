@@ -7,8 +7,8 @@
 //! does not stop the projection (the query API falls back to PostgreSQL).
 
 use events::{project, IntegrationEvent, Projection, UserView};
-use read_model::{ViewCache, ViewRows};
 use platform::telemetry::error_chain;
+use read_model::{ViewCache, ViewRows};
 
 /// What applying one event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

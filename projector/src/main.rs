@@ -7,7 +7,10 @@ async fn main() -> anyhow::Result<()> {
     platform::telemetry::init();
     let result = run().await;
     if let Err(error) = &result {
-        tracing::error!(error = format!("{error:#}"), "projector stopped with an error");
+        tracing::error!(
+            error = format!("{error:#}"),
+            "projector stopped with an error"
+        );
     }
     result
 }
@@ -15,7 +18,12 @@ async fn main() -> anyhow::Result<()> {
 async fn run() -> anyhow::Result<()> {
     let settings = Settings::from_env().context("invalid settings")?;
     match std::env::args().nth(1).as_deref() {
-        None | Some("run") => Application::build(settings).await?.run_until_stopped().await,
+        None | Some("run") => {
+            Application::build(settings)
+                .await?
+                .run_until_stopped()
+                .await
+        }
         Some(other) => anyhow::bail!("unknown subcommand {other:?}; use `run`"),
     }
 }

@@ -7,11 +7,17 @@ async fn main() -> anyhow::Result<()> {
     platform::telemetry::init();
     let result = async {
         let settings = Settings::from_env().context("invalid settings")?;
-        Application::build(settings).await?.run_until_stopped().await
+        Application::build(settings)
+            .await?
+            .run_until_stopped()
+            .await
     }
     .await;
     if let Err(error) = &result {
-        tracing::error!(error = format!("{error:#}"), "query-api stopped with an error");
+        tracing::error!(
+            error = format!("{error:#}"),
+            "query-api stopped with an error"
+        );
     }
     result
 }

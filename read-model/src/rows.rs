@@ -5,7 +5,15 @@ use events::{UserStatus, UserView};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-type Row = (Uuid, String, String, String, i32, DateTime<Utc>, DateTime<Utc>);
+type Row = (
+    Uuid,
+    String,
+    String,
+    String,
+    i32,
+    DateTime<Utc>,
+    DateTime<Utc>,
+);
 
 fn to_view(row: Row) -> Result<UserView, sqlx::Error> {
     let (id, username, email, status, version, registered_at, updated_at) = row;

@@ -24,7 +24,10 @@ async fn a_registered_then_deactivated_user_reaches_the_query_api_and_the_topic(
         .await
         .unwrap();
     assert_eq!(registered.status(), 201);
-    let location = registered.headers()["location"].to_str().unwrap().to_owned();
+    let location = registered.headers()["location"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     let registered: Value = registered.json().await.unwrap();
     let id = registered["id"].as_str().unwrap().to_owned();
     assert_eq!(location, format!("/users/{id}"));
@@ -64,7 +67,10 @@ async fn a_registered_then_deactivated_user_reaches_the_query_api_and_the_topic(
 
     // The topic holds both events, keyed by the user id, in version order.
     let messages = read_topic(&env.topic, DEADLINE, |seen| {
-        seen.iter().filter(|m| m.key.as_deref() == Some(id.as_str())).count() >= 2
+        seen.iter()
+            .filter(|m| m.key.as_deref() == Some(id.as_str()))
+            .count()
+            >= 2
     })
     .await;
     let mine: Vec<_> = messages
@@ -86,7 +92,10 @@ async fn a_registered_then_deactivated_user_reaches_the_query_api_and_the_topic(
     // The password and its hash stay on the write side.
     for message in &messages {
         let everything = format!("{:?} {}", message.headers, message.raw);
-        assert!(!everything.contains("$argon2"), "hash leaked to Kafka: {everything}");
+        assert!(
+            !everything.contains("$argon2"),
+            "hash leaked to Kafka: {everything}"
+        );
         assert!(!everything.contains(password), "password leaked to Kafka");
     }
     let stored: String = sqlx::query_scalar(
@@ -99,8 +108,16 @@ async fn a_registered_then_deactivated_user_reaches_the_query_api_and_the_topic(
     assert!(stored.starts_with("$argon2id$"), "the log keeps the hash");
     for service in [&command, &projector, &query] {
         for line in service.logs() {
-            assert!(!line.contains("$argon2"), "{:?} logged the hash: {line}", service.service);
-            assert!(!line.contains(password), "{:?} logged the password", service.service);
+            assert!(
+                !line.contains("$argon2"),
+                "{:?} logged the hash: {line}",
+                service.service
+            );
+            assert!(
+                !line.contains(password),
+                "{:?} logged the password",
+                service.service
+            );
         }
     }
 }

@@ -50,7 +50,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
     )
     .await
     .map_err(|_| "timed out".to_owned())
-    .and_then(|r| r.map(|_| serde_json::json!("reachable")).map_err(|e| e.to_string()));
+    .and_then(|r| {
+        r.map(|_| serde_json::json!("reachable"))
+            .map_err(|e| e.to_string())
+    });
     let mut checks = BTreeMap::from([("postgres", postgres)]);
     checks.insert("relay", Ok(state.relay.snapshot()));
     platform::http::readiness(checks)

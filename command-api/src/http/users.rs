@@ -115,7 +115,13 @@ async fn register(
     )?;
     let appended = state
         .store
-        .register(id, &username, &email, &events, &metadata(&headers, "anonymous"))
+        .register(
+            id,
+            &username,
+            &email,
+            &events,
+            &metadata(&headers, "anonymous"),
+        )
         .await?;
     tracing::info!(user_id = %id, version = appended.version, "user registered");
     let mut response = Accepted::new(id, appended).respond(StatusCode::CREATED);
@@ -177,7 +183,11 @@ async fn change_status(
         let history = state.store.load(id).await?;
         let user = User::from_events(&history);
         let events = decide(&user, command())?;
-        match state.store.append(id, user.version, &events, &metadata).await {
+        match state
+            .store
+            .append(id, user.version, &events, &metadata)
+            .await
+        {
             Ok(appended) => {
                 return Ok(Accepted::new(id, appended).respond(StatusCode::OK));
             }

@@ -1,0 +1,329 @@
+//! The invariants of DESIGN.md that live in the stores, tested against the
+//! real PostgreSQL and Redis through the project's own store code.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use command_api::relay::{read_batch, Checkpoint};
+use command_api::store::{AppendError, EventStore};
+use events::domain::{EventMetadata, UserDeactivated, UserRegistered};
+use events::{IntegrationEvent, PasswordHash, PublicChange, UserEvent, UserStatus, UserView};
+use projector::apply::{Applied, ApplyError, ReadModel};
+use read_model::{ViewCache, ViewRows};
+use sqlx::{Connection, PgConnection};
+use userstream_tests::{redis_url, TestEnv};
+use uuid::Uuid;
+
+fn registered(name: &str) -> UserEvent {
+    UserEvent::Registered(UserRegistered {
+        username: name.into(),
+        email: format!("{name}@example.com"),
+        password_hash: PasswordHash::new("$argon2id$v=19$test".into()),
+    })
+}
+
+fn deactivated() -> UserEvent {
+    UserEvent::Deactivated(UserDeactivated { reason: None })
+}
+
+fn meta() -> EventMetadata {
+    EventMetadata {
+        actor: "test".into(),
+        ..EventMetadata::default()
+    }
+}
+
+async fn count_events(env: &TestEnv) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_database_refuses_update_delete_and_truncate_on_events() {
+    let env = TestEnv::new().await;
+    let store = EventStore::new(env.pool.clone());
+    let id = Uuid::now_v7();
+    store
+        .register(id, "ann", "ann@example.com", &[registered("ann")], &meta())
+        .await
+        .unwrap();
+    for statement in [
+        "UPDATE events SET event_type = 'Tampered'",
+        "DELETE FROM events",
+        "TRUNCATE events",
+    ] {
+        let error = sqlx::query(statement)
+            .execute(&env.pool)
+            .await
+            .expect_err(statement);
+        assert!(
+            error.to_string().contains("append-only"),
+            "{statement}: {error}"
+        );
+    }
+    assert_eq!(count_events(&env).await, 1);
+}
+
+#[tokio::test]
+async fn two_appends_at_the_same_version_conflict_and_one_wins() {
+    let env = TestEnv::new().await;
+    let store = EventStore::new(env.pool.clone());
+    let id = Uuid::now_v7();
+    store
+        .register(id, "bob", "bob@example.com", &[registered("bob")], &meta())
+        .await
+        .unwrap();
+    let events = [deactivated()];
+    let metadata = meta();
+    let (a, b) = tokio::join!(
+        store.append(id, 1, &events, &metadata),
+        store.append(id, 1, &events, &metadata)
+    );
+    let outcomes = [a, b];
+    assert_eq!(outcomes.iter().filter(|r| r.is_ok()).count(), 1);
+    assert!(outcomes
+        .iter()
+        .any(|r| matches!(r, Err(AppendError::VersionConflict))));
+    let versions: Vec<i32> = sqlx::query_scalar(
+        "SELECT stream_version FROM events WHERE stream_id = $1 ORDER BY stream_version",
+    )
+    .bind(id)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(versions, [1, 2]);
+}
+
+#[tokio::test]
+async fn usernames_and_emails_are_reserved_in_the_appending_transaction() {
+    let env = TestEnv::new().await;
+    let store = EventStore::new(env.pool.clone());
+    store
+        .register(
+            Uuid::now_v7(),
+            "cat",
+            "cat@example.com",
+            &[registered("cat")],
+            &meta(),
+        )
+        .await
+        .unwrap();
+    let same_name = store
+        .register(
+            Uuid::now_v7(),
+            "cat",
+            "other@example.com",
+            &[registered("cat")],
+            &meta(),
+        )
+        .await;
+    assert!(matches!(same_name, Err(AppendError::UsernameTaken)));
+    let same_email = store
+        .register(
+            Uuid::now_v7(),
+            "other",
+            "cat@example.com",
+            &[registered("other")],
+            &meta(),
+        )
+        .await;
+    assert!(matches!(same_email, Err(AppendError::EmailTaken)));
+    assert_eq!(
+        count_events(&env).await,
+        1,
+        "refused registrations append nothing"
+    );
+}
+
+/// Inserts one event for a new stream inside `tx` and returns its position.
+async fn insert_in(tx: &mut PgConnection, name: &str) -> i64 {
+    let event = registered(name);
+    sqlx::query_scalar(
+        "INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload) \
+         VALUES ($1, 1, $2, $3, 1, $4) RETURNING global_position",
+    )
+    .bind(Uuid::now_v7())
+    .bind(Uuid::now_v7())
+    .bind(event.event_type())
+    .bind(event.payload())
+    .fetch_one(tx)
+    .await
+    .unwrap()
+}
+
+async fn positions(reader: &mut PgConnection, after: Checkpoint) -> Vec<i64> {
+    read_batch(reader, after, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|(_, e)| e.global_position)
+        .collect()
+}
+
+/// Reads until `count` events are readable (other tests' transactions, which
+/// share the cluster-wide xmin, may briefly hold the horizon back).
+async fn read_when_ready(reader: &mut PgConnection, after: Checkpoint, count: usize) -> Vec<i64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let read = positions(reader, after).await;
+        if read.len() >= count || std::time::Instant::now() > deadline {
+            return read;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_relay_never_reads_past_a_transaction_that_is_still_open() {
+    let env = TestEnv::new().await;
+    let mut slow = PgConnection::connect(&env.database_url).await.unwrap();
+    let mut fast = PgConnection::connect(&env.database_url).await.unwrap();
+    let mut reader = PgConnection::connect(&env.database_url).await.unwrap();
+
+    // The slow transaction takes the lower position, the fast one commits first.
+    sqlx::query("BEGIN").execute(&mut slow).await.unwrap();
+    let low = insert_in(&mut slow, "slow").await;
+    sqlx::query("BEGIN").execute(&mut fast).await.unwrap();
+    let high = insert_in(&mut fast, "fast").await;
+    sqlx::query("COMMIT").execute(&mut fast).await.unwrap();
+    assert!(low < high);
+
+    assert_eq!(
+        positions(&mut reader, Checkpoint::default()).await,
+        Vec::<i64>::new(),
+        "nothing may be read while an older transaction is open"
+    );
+    sqlx::query("COMMIT").execute(&mut slow).await.unwrap();
+    // xmin is cluster-wide: another test's open transaction may hold it back a moment.
+    let read = read_when_ready(&mut reader, Checkpoint::default(), 2).await;
+    assert_eq!(read, [low, high]);
+}
+
+#[tokio::test]
+async fn the_relay_orders_by_transaction_so_a_late_lower_position_is_not_skipped() {
+    let env = TestEnv::new().await;
+    let mut early = PgConnection::connect(&env.database_url).await.unwrap();
+    let mut late = PgConnection::connect(&env.database_url).await.unwrap();
+    let mut reader = PgConnection::connect(&env.database_url).await.unwrap();
+
+    // `early` gets the older transaction id but appends after `late`, so it
+    // holds the higher position and commits last.
+    sqlx::query("BEGIN").execute(&mut early).await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut early)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut late).await.unwrap();
+    let low = insert_in(&mut late, "late").await;
+    let high = insert_in(&mut early, "early").await;
+    sqlx::query("COMMIT").execute(&mut late).await.unwrap();
+    assert!(positions(&mut reader, Checkpoint::default())
+        .await
+        .is_empty());
+    sqlx::query("COMMIT").execute(&mut early).await.unwrap();
+
+    read_when_ready(&mut reader, Checkpoint::default(), 2).await;
+    let batch = read_batch(&mut reader, Checkpoint::default(), 100)
+        .await
+        .unwrap();
+    let order: Vec<i64> = batch.iter().map(|(_, e)| e.global_position).collect();
+    assert_eq!(order, [high, low], "transaction order, then position");
+    // Resuming from the first event's checkpoint yields exactly the second.
+    let (xid, first) = &batch[0];
+    let after_first = Checkpoint {
+        transaction_id: *xid,
+        global_position: first.global_position,
+    };
+    assert_eq!(positions(&mut reader, after_first).await, [low]);
+}
+
+fn cache(env: &TestEnv) -> ViewCache {
+    ViewCache::new(
+        &redis_url(),
+        env.redis_prefix.clone(),
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    )
+    .unwrap()
+}
+
+fn view(id: Uuid, version: i32, status: UserStatus) -> UserView {
+    UserView {
+        id,
+        username: "dan".into(),
+        email: "dan@example.com".into(),
+        status,
+        version,
+        registered_at: Utc::now(),
+        updated_at: Utc::now(),
+    }
+}
+
+#[tokio::test]
+async fn redis_views_never_move_backwards() {
+    let env = TestEnv::new().await;
+    let cache = cache(&env);
+    let id = Uuid::new_v4();
+    assert!(cache
+        .put(&view(id, 2, UserStatus::Deactivated))
+        .await
+        .unwrap());
+    assert!(!cache.put(&view(id, 1, UserStatus::Active)).await.unwrap());
+    assert!(!cache.put(&view(id, 2, UserStatus::Active)).await.unwrap());
+    let cached = cache.get(id).await.unwrap().unwrap();
+    assert_eq!(cached.version, 2);
+    assert!(cached.body.contains("deactivated"));
+    assert!(cache.put(&view(id, 3, UserStatus::Active)).await.unwrap());
+    assert_eq!(cache.get(id).await.unwrap().unwrap().version, 3);
+}
+
+fn public(user_id: Uuid, version: i32, change: PublicChange) -> IntegrationEvent {
+    IntegrationEvent {
+        event_id: Uuid::new_v4(),
+        user_id,
+        stream_version: version,
+        global_position: i64::from(version),
+        occurred_at: Utc::now(),
+        change,
+    }
+}
+
+#[tokio::test]
+async fn the_projector_applies_each_event_once_and_reports_gaps() {
+    let env = TestEnv::new().await;
+    let model = ReadModel {
+        rows: ViewRows::new(env.pool.clone()),
+        cache: cache(&env),
+    };
+    let id = Uuid::new_v4();
+    let first = public(
+        id,
+        1,
+        PublicChange::Registered {
+            username: "eve".into(),
+            email: "eve@example.com".into(),
+        },
+    );
+    assert_eq!(model.apply(&first).await.unwrap(), Applied::Applied);
+    assert_eq!(model.apply(&first).await.unwrap(), Applied::Duplicate);
+
+    let third = public(id, 3, PublicChange::Reactivated { reason: None });
+    assert!(matches!(
+        model.apply(&third).await,
+        Err(ApplyError::Gap {
+            current: 1,
+            event: 3,
+            ..
+        })
+    ));
+    let second = public(id, 2, PublicChange::Deactivated { reason: None });
+    assert_eq!(model.apply(&second).await.unwrap(), Applied::Applied);
+    assert_eq!(model.apply(&second).await.unwrap(), Applied::Duplicate);
+
+    let row = model.rows.load(id).await.unwrap().unwrap();
+    assert_eq!((row.version, row.status), (2, UserStatus::Deactivated));
+    let cached = model.cache.get(id).await.unwrap().unwrap();
+    assert_eq!(cached.version, 2);
+}
