@@ -23,6 +23,8 @@ pub struct Settings {
     pub hash_concurrency: usize,
     /// `REQUEST_TIMEOUT_MS`, default 10 000.
     pub request_timeout: Duration,
+    /// `IDEMPOTENCY_TTL_SECS`: how long an Idempotency-Key answers retries, default 24 h.
+    pub idempotency_ttl: Duration,
     pub kafka: KafkaSettings,
     pub relay: RelaySettings,
 }
@@ -74,6 +76,7 @@ impl Settings {
             admin_token: admin_token.into(),
             hash_concurrency: parse("HASH_CONCURRENCY", cores)?.max(1),
             request_timeout: Duration::from_millis(parse("REQUEST_TIMEOUT_MS", 10_000)?),
+            idempotency_ttl: Duration::from_secs(parse("IDEMPOTENCY_TTL_SECS", 86_400)?),
             kafka: KafkaSettings {
                 brokers: string("KAFKA_BROKERS", "127.0.0.1:9092"),
                 topic: string("KAFKA_TOPIC", "users.events.v1"),

@@ -7,7 +7,9 @@
 
 use std::sync::Arc;
 
-use argon2::password_hash::{rand_core::OsRng, PasswordHasher as _, SaltString};
+use argon2::password_hash::{
+    rand_core::OsRng, PasswordHasher as _, PasswordVerifier as _, SaltString,
+};
 use argon2::{Algorithm, Argon2, Params, Version};
 use events::PasswordHash;
 use secrecy::{ExposeSecret, SecretString};
@@ -53,6 +55,26 @@ impl Hasher {
     }
 }
 
+impl Hasher {
+    /// Checks `password` against a stored PHC string, on the blocking pool.
+    #[tracing::instrument(name = "argon2_verify", skip_all)]
+    pub async fn verify(
+        &self,
+        password: SecretString,
+        hash: PasswordHash,
+    ) -> Result<bool, HashError> {
+        let permit = self.permits.clone().acquire_owned().await?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let parsed = argon2::PasswordHash::new(hash.expose()).map_err(HashError::Argon2)?;
+            Ok(Argon2::default()
+                .verify_password(password.expose_secret().as_bytes(), &parsed)
+                .is_ok())
+        })
+        .await?
+    }
+}
+
 /// The synchronous hash; also what the benchmark times to find the machine's limit.
 pub fn hash_blocking(password: &str) -> Result<PasswordHash, HashError> {
     let params =
@@ -68,7 +90,6 @@ pub fn hash_blocking(password: &str) -> Result<PasswordHash, HashError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use argon2::password_hash::PasswordVerifier;
 
     #[tokio::test]
     async fn hashes_are_argon2id_with_owasp_parameters_and_verify() {
@@ -78,12 +99,14 @@ mod tests {
             .unwrap();
         let phc = hash.expose();
         assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
-        let parsed = argon2::PasswordHash::new(phc).unwrap();
-        assert!(Argon2::default()
-            .verify_password(b"correct horse battery", &parsed)
-            .is_ok());
-        assert!(Argon2::default()
-            .verify_password(b"wrong horse battery", &parsed)
-            .is_err());
+        let hasher = Hasher::new(1);
+        assert!(hasher
+            .verify("correct horse battery".into(), hash.clone())
+            .await
+            .unwrap());
+        assert!(!hasher
+            .verify("wrong horse battery".into(), hash)
+            .await
+            .unwrap());
     }
 }

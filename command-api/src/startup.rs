@@ -70,6 +70,7 @@ impl Application {
             hasher: Hasher::new(settings.hash_concurrency),
             admin_token: Arc::new(settings.admin_token.clone()),
             relay: status,
+            idempotency_ttl: settings.idempotency_ttl,
         };
         let listener = tokio::net::TcpListener::bind(settings.bind_addr)
             .await

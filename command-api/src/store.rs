@@ -26,8 +26,29 @@ pub enum AppendError {
     EmailTaken,
     #[error("another command appended to the stream first")]
     VersionConflict,
+    #[error("the idempotency key already answers another command")]
+    IdempotencyKeyTaken,
     #[error("database error")]
     Database(#[from] sqlx::Error),
+}
+
+/// An `Idempotency-Key` to record with the events it answers.
+#[derive(Debug, Clone)]
+pub struct IdempotencyClaim {
+    pub key: String,
+    pub fingerprint: String,
+    /// The HTTP status the answer is given with.
+    pub status: u16,
+    pub ttl: std::time::Duration,
+}
+
+/// The first answer given under an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAnswer {
+    pub fingerprint: String,
+    pub status: u16,
+    pub stream_id: Uuid,
+    pub appended: Appended,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,8 +118,12 @@ impl EventStore {
         email: &str,
         events: &[UserEvent],
         metadata: &EventMetadata,
+        claim: Option<&IdempotencyClaim>,
     ) -> Result<Appended, AppendError> {
         let mut tx = self.pool.begin().await?;
+        if let Some(claim) = claim {
+            claim_key(&mut tx, claim, user_id).await?;
+        }
         sqlx::query("INSERT INTO user_identities (user_id, username, email) VALUES ($1, $2, $3)")
             .bind(user_id)
             .bind(username)
@@ -107,26 +132,111 @@ impl EventStore {
             .await
             .map_err(on_constraint)?;
         let appended = insert_events(&mut tx, user_id, 0, events, metadata).await?;
+        if let Some(claim) = claim {
+            record_answer(&mut tx, claim, appended).await?;
+        }
         tx.commit().await?;
         Ok(appended)
     }
 
     /// Appends `events` after `expected_version`; fails with
     /// [`AppendError::VersionConflict`] when someone else appended first.
-    #[tracing::instrument(name = "sql_append", skip(self, events, metadata))]
+    #[tracing::instrument(name = "sql_append", skip(self, events, metadata, claim))]
     pub async fn append(
         &self,
         stream_id: Uuid,
         expected_version: i32,
         events: &[UserEvent],
         metadata: &EventMetadata,
+        claim: Option<&IdempotencyClaim>,
     ) -> Result<Appended, AppendError> {
         let mut tx = self.pool.begin().await?;
+        if let Some(claim) = claim {
+            claim_key(&mut tx, claim, stream_id).await?;
+        }
         let appended =
             insert_events(&mut tx, stream_id, expected_version, events, metadata).await?;
+        if let Some(claim) = claim {
+            record_answer(&mut tx, claim, appended).await?;
+        }
         tx.commit().await?;
         Ok(appended)
     }
+
+    /// The live (unexpired) answer recorded under `key`, if any.
+    #[tracing::instrument(name = "sql_stored_answer", skip_all)]
+    pub async fn stored_answer(&self, key: &str) -> Result<Option<StoredAnswer>, sqlx::Error> {
+        let row: Option<(String, i16, Uuid, i32, i64)> = sqlx::query_as(
+            "SELECT fingerprint, status, stream_id, version, position FROM idempotency_keys \
+             WHERE key = $1 AND expires_at > now()",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(
+            |(fingerprint, status, stream_id, version, position)| StoredAnswer {
+                fingerprint,
+                status: u16::try_from(status).unwrap_or_default(),
+                stream_id,
+                appended: Appended { version, position },
+            },
+        ))
+    }
+
+    /// Deletes expired idempotency keys; returns how many.
+    #[tracing::instrument(name = "sql_sweep_idempotency_keys", skip_all)]
+    pub async fn sweep_idempotency_keys(&self) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query("DELETE FROM idempotency_keys WHERE expires_at <= now()")
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+/// Claims `key` first in the transaction: a concurrent request with the same
+/// key waits here for the first to finish, then sees the key taken, instead of
+/// racing it into a misleading conflict further on. An expired key is reused.
+#[tracing::instrument(name = "sql_claim_idempotency_key", skip_all)]
+async fn claim_key(
+    tx: &mut Transaction<'_, Postgres>,
+    claim: &IdempotencyClaim,
+    stream_id: Uuid,
+) -> Result<(), AppendError> {
+    let claimed = sqlx::query(
+        "INSERT INTO idempotency_keys (key, fingerprint, status, stream_id, version, position, expires_at) \
+         VALUES ($1, $2, $3, $4, 0, 0, now() + make_interval(secs => $5)) \
+         ON CONFLICT (key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, \
+           status = EXCLUDED.status, stream_id = EXCLUDED.stream_id, version = 0, position = 0, \
+           created_at = now(), expires_at = EXCLUDED.expires_at \
+         WHERE idempotency_keys.expires_at <= now()",
+    )
+    .bind(&claim.key)
+    .bind(&claim.fingerprint)
+    .bind(i16::try_from(claim.status).unwrap_or(i16::MAX))
+    .bind(stream_id)
+    .bind(claim.ttl.as_secs_f64())
+    .execute(&mut **tx)
+    .await?;
+    if claimed.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(AppendError::IdempotencyKeyTaken)
+    }
+}
+
+#[tracing::instrument(name = "sql_record_idempotent_answer", skip_all)]
+async fn record_answer(
+    tx: &mut Transaction<'_, Postgres>,
+    claim: &IdempotencyClaim,
+    appended: Appended,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE idempotency_keys SET version = $2, position = $3 WHERE key = $1")
+        .bind(&claim.key)
+        .bind(appended.version)
+        .bind(appended.position)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 #[tracing::instrument(name = "sql_insert_events", skip_all, fields(count = events.len()))]

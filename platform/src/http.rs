@@ -11,22 +11,24 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde::Serialize;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// `{"error":{"code":"…","message":"…","fields":{…}}}`, the one error shape of every API.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
+    /// Machine-readable, stable: e.g. `validation_failed`, `username_taken`.
     pub code: &'static str,
+    /// For people; may change.
     pub message: String,
+    /// Per-field messages, present when specific fields were refused.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub fields: BTreeMap<String, String>,
 }
@@ -61,10 +63,9 @@ pub fn layers(router: Router, request_timeout: Duration) -> Router {
             )
         })
         .layer(middleware::from_fn(record_metrics))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            request_timeout,
-        ))
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            deadline(request_timeout, req, next)
+        }))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(
             TraceLayer::new_for_http()
@@ -85,6 +86,23 @@ pub fn layers(router: Router, request_timeout: Duration) -> Router {
                 .on_response(DefaultOnResponse::new().level(Level::DEBUG)),
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+/// Answers 503 `timeout` in the shared error shape when a request takes longer
+/// than `limit` (tower-http's timeout layer answers with an empty body).
+async fn deadline(limit: Duration, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!(limit_ms = limit.as_millis() as u64, "request timed out");
+            error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                format!("the request took longer than {limit:?}"),
+                BTreeMap::new(),
+            )
+        }
+    }
 }
 
 async fn record_metrics(req: Request, next: Next) -> Response {

@@ -46,7 +46,14 @@ async fn the_database_refuses_update_delete_and_truncate_on_events() {
     let store = EventStore::new(env.pool.clone());
     let id = Uuid::now_v7();
     store
-        .register(id, "ann", "ann@example.com", &[registered("ann")], &meta())
+        .register(
+            id,
+            "ann",
+            "ann@example.com",
+            &[registered("ann")],
+            &meta(),
+            None,
+        )
         .await
         .unwrap();
     for statement in [
@@ -72,14 +79,21 @@ async fn two_appends_at_the_same_version_conflict_and_one_wins() {
     let store = EventStore::new(env.pool.clone());
     let id = Uuid::now_v7();
     store
-        .register(id, "bob", "bob@example.com", &[registered("bob")], &meta())
+        .register(
+            id,
+            "bob",
+            "bob@example.com",
+            &[registered("bob")],
+            &meta(),
+            None,
+        )
         .await
         .unwrap();
     let events = [deactivated()];
     let metadata = meta();
     let (a, b) = tokio::join!(
-        store.append(id, 1, &events, &metadata),
-        store.append(id, 1, &events, &metadata)
+        store.append(id, 1, &events, &metadata, None),
+        store.append(id, 1, &events, &metadata, None)
     );
     let outcomes = [a, b];
     assert_eq!(outcomes.iter().filter(|r| r.is_ok()).count(), 1);
@@ -107,6 +121,7 @@ async fn usernames_and_emails_are_reserved_in_the_appending_transaction() {
             "cat@example.com",
             &[registered("cat")],
             &meta(),
+            None,
         )
         .await
         .unwrap();
@@ -117,6 +132,7 @@ async fn usernames_and_emails_are_reserved_in_the_appending_transaction() {
             "other@example.com",
             &[registered("cat")],
             &meta(),
+            None,
         )
         .await;
     assert!(matches!(same_name, Err(AppendError::UsernameTaken)));
@@ -127,6 +143,7 @@ async fn usernames_and_emails_are_reserved_in_the_appending_transaction() {
             "cat@example.com",
             &[registered("other")],
             &meta(),
+            None,
         )
         .await;
     assert!(matches!(same_email, Err(AppendError::EmailTaken)));

@@ -18,6 +18,12 @@ pub enum ApiError {
     /// 400: the id in the path is not a UUID.
     #[error("the id is not a valid UUID")]
     InvalidId,
+    /// 400: a header the API reads has an unusable value.
+    #[error("the {name} header is invalid: {reason}")]
+    InvalidHeader {
+        name: &'static str,
+        reason: &'static str,
+    },
     /// 401: no bearer token.
     #[error("this command needs an admin bearer token")]
     Unauthenticated,
@@ -39,6 +45,9 @@ pub enum ApiError {
     /// 409: other commands kept winning the race for this user.
     #[error("the user was changed concurrently; retry")]
     ConcurrentModification,
+    /// 412: `If-Match` named another version than the user's current one.
+    #[error("the user is at version {current}, not the one If-Match names")]
+    PreconditionFailed { current: i32 },
     /// 413: the body is larger than the limit.
     #[error("the body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
@@ -51,6 +60,9 @@ pub enum ApiError {
         message: String,
         fields: BTreeMap<String, String>,
     },
+    /// 422: the `Idempotency-Key` was first used for a different command.
+    #[error("this Idempotency-Key was already used with a different request")]
+    IdempotencyKeyReused,
     /// 503: a dependency (PostgreSQL) is unreachable; the request may be retried.
     #[error("a dependency is unavailable")]
     Unavailable(#[source] anyhow::Error),
@@ -62,7 +74,9 @@ pub enum ApiError {
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::MalformedJson(_) | Self::InvalidId => StatusCode::BAD_REQUEST,
+            Self::MalformedJson(_) | Self::InvalidId | Self::InvalidHeader { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             Self::Unauthenticated => StatusCode::UNAUTHORIZED,
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::UserNotFound => StatusCode::NOT_FOUND,
@@ -70,9 +84,10 @@ impl ApiError {
             | Self::EmailTaken
             | Self::StateConflict(_)
             | Self::ConcurrentModification => StatusCode::CONFLICT,
+            Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Invalid { .. } | Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -82,6 +97,7 @@ impl ApiError {
         match self {
             Self::MalformedJson(_) => "malformed_json",
             Self::InvalidId => "invalid_id",
+            Self::InvalidHeader { .. } => "invalid_header",
             Self::Unauthenticated => "unauthenticated",
             Self::Forbidden => "forbidden",
             Self::UserNotFound => "user_not_found",
@@ -91,9 +107,11 @@ impl ApiError {
             Self::StateConflict(DomainError::AlreadyActive) => "already_active",
             Self::StateConflict(_) => "conflict",
             Self::ConcurrentModification => "concurrent_modification",
+            Self::PreconditionFailed { .. } => "precondition_failed",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::Invalid { .. } => "validation_failed",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
         }
@@ -124,7 +142,9 @@ impl From<AppendError> for ApiError {
         match e {
             AppendError::UsernameTaken => Self::UsernameTaken,
             AppendError::EmailTaken => Self::EmailTaken,
-            AppendError::VersionConflict => Self::ConcurrentModification,
+            AppendError::VersionConflict | AppendError::IdempotencyKeyTaken => {
+                Self::ConcurrentModification
+            }
             AppendError::Database(e) => from_sqlx(e),
         }
     }
@@ -152,6 +172,9 @@ impl IntoResponse for ApiError {
         }
         let fields = match &self {
             Self::Invalid { fields, .. } => fields.clone(),
+            Self::InvalidHeader { name, reason } => {
+                BTreeMap::from([((*name).to_owned(), (*reason).to_owned())])
+            }
             _ => BTreeMap::new(),
         };
         let mut response = error_response(status, self.code(), self.to_string(), fields);

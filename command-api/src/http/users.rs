@@ -1,21 +1,24 @@
 //! The user commands: register, deactivate, reactivate.
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::Router;
 use events::domain::EventMetadata;
+use events::UserEvent;
+use platform::http::ErrorBody;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::auth::Admin;
 use super::error::ApiError;
+use super::idempotency;
 use super::json::{JsonBody, OptionalJsonBody};
 use super::AppState;
 use crate::domain::{decide, Command, User};
-use crate::store::{AppendError, Appended};
+use crate::store::{AppendError, StoredAnswer};
 use crate::validation::{self, FieldErrors};
 
 /// How often a status command re-reads the stream and decides again after
@@ -29,65 +32,85 @@ pub fn router() -> Router<AppState> {
         .route("/users/{id}/reactivate", post(reactivate))
 }
 
-#[derive(Deserialize)]
+/// `POST /users`.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
-    username: String,
-    email: String,
-    password: String,
+    /// 3–32 characters of `[a-z0-9_.-]` after trimming and lower-casing; unique.
+    #[schema(example = "alice")]
+    pub username: String,
+    /// A valid address; trimmed and lower-cased; unique.
+    #[schema(example = "alice@example.com")]
+    pub email: String,
+    /// 12–128 characters. Hashed with argon2id; never stored or returned as sent.
+    #[schema(example = "correct horse battery staple")]
+    pub password: String,
 }
 
-#[derive(Deserialize)]
+/// `POST /users/{id}/deactivate` and `/reactivate`; the body may be left out.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StatusRequest {
+    /// Why, for the audit trail; at most 500 characters.
     #[serde(default)]
-    reason: Option<String>,
+    pub reason: Option<String>,
 }
 
 /// The answer to every accepted command: the consistency token for reads.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Accepted {
+    /// The user id.
     pub id: Uuid,
+    /// The user's stream version after this command.
     pub version: i32,
+    /// The global log position of the command's last event.
     pub position: i64,
 }
 
-impl Accepted {
-    fn new(id: Uuid, appended: Appended) -> Self {
-        Self {
-            id,
-            version: appended.version,
-            position: appended.position,
-        }
-    }
-
-    fn respond(self, status: StatusCode) -> Response {
-        let etag = format!("\"{}\"", self.version);
-        (status, [(header::ETAG, etag)], Json(self)).into_response()
-    }
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
-fn metadata(headers: &HeaderMap, actor: &str) -> EventMetadata {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
+/// Correlation and causation are the request id (set by the request-id layer
+/// from `X-Request-Id`, or generated): an HTTP command is caused by its request.
+fn metadata(headers: &HeaderMap, actor: &str, key: Option<&str>) -> EventMetadata {
+    let request_id = header(headers, platform::http::REQUEST_ID.as_str());
     EventMetadata {
-        correlation_id: header(platform::http::REQUEST_ID.as_str()),
-        causation_id: None,
+        correlation_id: request_id.clone(),
+        causation_id: request_id,
         actor: actor.to_owned(),
-        idempotency_key: header("idempotency-key"),
+        idempotency_key: key.map(str::to_owned),
     }
 }
 
+/// Registers a user: appends UserRegistered.
+#[utoipa::path(post, path = "/users", tag = "users",
+    request_body(content = RegisterRequest, content_type = "application/json"),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body get the first answer; 1–255 visible ASCII characters"),
+        ("X-Request-Id" = Option<String>, Header, description = "Correlation id recorded with the events; generated when absent and echoed back"),
+    ),
+    responses(
+        (status = 201, description = "Registered", body = Accepted, headers(
+            ("Location" = String, description = "/users/{id}"),
+            ("ETag" = String, description = "The quoted version"))),
+        (status = 400, description = "Malformed JSON (`malformed_json`) or an invalid header (`invalid_header`)", body = ErrorBody),
+        (status = 409, description = "`username_taken`, `email_taken` or `concurrent_modification`", body = ErrorBody),
+        (status = 413, description = "Body over 16 KiB (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "Body not sent as application/json (`unsupported_media_type`)", body = ErrorBody),
+        (status = 422, description = "Invalid or unknown fields (`validation_failed`, with `fields`) or a reused Idempotency-Key (`idempotency_key_reused`)", body = ErrorBody),
+        (status = 503, description = "PostgreSQL unavailable or the request timed out (`unavailable`, `timeout`)", body = ErrorBody),
+    ))]
 #[tracing::instrument(name = "register_user", skip_all)]
-async fn register(
+pub(crate) async fn register(
     State(state): State<AppState>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<RegisterRequest>,
 ) -> Result<Response, ApiError> {
+    let key = idempotency::key(&headers)?;
     let mut errors = FieldErrors::default();
     let username = errors.check("username", validation::username(&body.username));
     let email = errors.check("email", validation::email(&body.email));
@@ -98,10 +121,19 @@ async fn register(
             fields: errors.0,
         });
     };
+    let password = SecretString::from(body.password);
+    // The password is not part of the fingerprint (it must not be stored even
+    // hashed fast); a replay checks it against the user's argon2 hash instead.
+    let fingerprint = idempotency::fingerprint(&["POST /users", &username, &email]);
+    if let Some(key) = &key {
+        if let Some(answer) = idempotency::lookup(&state.store, key, &fingerprint).await? {
+            return replay_registration(&state, &answer, password).await;
+        }
+    }
 
     let password_hash = state
         .hasher
-        .hash(SecretString::from(body.password))
+        .hash(password.clone())
         .await
         .map_err(|e| ApiError::Internal(e.into()))?;
     let id = Uuid::now_v7();
@@ -113,26 +145,87 @@ async fn register(
             password_hash,
         },
     )?;
-    let appended = state
+    let claim = idempotency::claim(
+        key.clone(),
+        fingerprint.clone(),
+        StatusCode::CREATED,
+        state.idempotency_ttl,
+    );
+    let metadata = metadata(&headers, "anonymous", key.as_deref());
+    match state
         .store
-        .register(
-            id,
-            &username,
-            &email,
-            &events,
-            &metadata(&headers, "anonymous"),
-        )
-        .await?;
-    tracing::info!(user_id = %id, version = appended.version, "user registered");
-    let mut response = Accepted::new(id, appended).respond(StatusCode::CREATED);
-    if let Ok(location) = format!("/users/{id}").parse() {
-        response.headers_mut().insert(header::LOCATION, location);
+        .register(id, &username, &email, &events, &metadata, claim.as_ref())
+        .await
+    {
+        Ok(appended) => {
+            tracing::info!(user_id = %id, version = appended.version, "user registered");
+            let accepted = Accepted {
+                id,
+                version: appended.version,
+                position: appended.position,
+            };
+            Ok(accepted.respond(StatusCode::CREATED))
+        }
+        // The same key won a race with this request: answer as it did.
+        Err(AppendError::IdempotencyKeyTaken) => {
+            let key = key.as_deref().unwrap_or_default();
+            match idempotency::lookup(&state.store, key, &fingerprint).await? {
+                Some(answer) => replay_registration(&state, &answer, password).await,
+                None => Err(ApiError::ConcurrentModification),
+            }
+        }
+        Err(other) => Err(other.into()),
     }
-    Ok(response)
 }
 
+/// Replays a registration only for the same password: the first request's
+/// hash is in the log, so the check costs one argon2 verification.
+async fn replay_registration(
+    state: &AppState,
+    answer: &StoredAnswer,
+    password: SecretString,
+) -> Result<Response, ApiError> {
+    let history = state.store.load(answer.stream_id).await?;
+    let Some(UserEvent::Registered(registered)) = history.into_iter().next() else {
+        return Err(ApiError::IdempotencyKeyReused);
+    };
+    let same = state
+        .hasher
+        .verify(password, registered.password_hash)
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    if same {
+        Ok(idempotency::replay(answer))
+    } else {
+        Err(ApiError::IdempotencyKeyReused)
+    }
+}
+
+/// Deactivates a user: appends UserDeactivated. Requires the admin token.
+#[utoipa::path(post, path = "/users/{id}/deactivate", tag = "users",
+    request_body(content = Option<StatusRequest>, content_type = "application/json", description = "Optional; may be left out"),
+    params(
+        ("id" = String, Path, description = "The user id (a UUID)"),
+        ("If-Match" = Option<String>, Header, description = "`\"<version>\"` makes the command conditional on the user's version; `*` on the user existing"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body get the first answer"),
+        ("X-Request-Id" = Option<String>, Header, description = "Correlation id recorded with the events"),
+    ),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "UserDeactivated appended", body = Accepted, headers(("ETag" = String, description = "The quoted version"))),
+        (status = 400, description = "Invalid id (`invalid_id`), malformed JSON (`malformed_json`) or an invalid header (`invalid_header`)", body = ErrorBody),
+        (status = 401, description = "No bearer token (`unauthenticated`)", body = ErrorBody),
+        (status = 403, description = "Not the admin token (`forbidden`)", body = ErrorBody),
+        (status = 404, description = "No such user (`user_not_found`)", body = ErrorBody),
+        (status = 409, description = "`already_deactivated` or `concurrent_modification`", body = ErrorBody),
+        (status = 412, description = "If-Match names another version (`precondition_failed`)", body = ErrorBody),
+        (status = 413, description = "Body over 16 KiB (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "Body not sent as application/json (`unsupported_media_type`)", body = ErrorBody),
+        (status = 422, description = "Invalid or unknown fields (`validation_failed`) or a reused Idempotency-Key (`idempotency_key_reused`)", body = ErrorBody),
+        (status = 503, description = "PostgreSQL unavailable or the request timed out (`unavailable`, `timeout`)", body = ErrorBody),
+    ))]
 #[tracing::instrument(name = "deactivate_user", skip_all, fields(user_id = %id))]
-async fn deactivate(
+pub(crate) async fn deactivate(
     State(state): State<AppState>,
     _admin: Admin,
     Path(id): Path<String>,
@@ -140,14 +233,42 @@ async fn deactivate(
     OptionalJsonBody(body): OptionalJsonBody<StatusRequest>,
 ) -> Result<Response, ApiError> {
     let reason = parse_reason(body)?;
-    change_status(&state, &id, &headers, || Command::Deactivate {
+    let fingerprint = idempotency::fingerprint(&[
+        "POST /users/{id}/deactivate",
+        &id,
+        reason.as_deref().unwrap_or(""),
+    ]);
+    change_status(&state, &id, &headers, fingerprint, || Command::Deactivate {
         reason: reason.clone(),
     })
     .await
 }
 
+/// Reactivates a user: appends UserReactivated. Requires the admin token.
+#[utoipa::path(post, path = "/users/{id}/reactivate", tag = "users",
+    request_body(content = Option<StatusRequest>, content_type = "application/json", description = "Optional; may be left out"),
+    params(
+        ("id" = String, Path, description = "The user id (a UUID)"),
+        ("If-Match" = Option<String>, Header, description = "`\"<version>\"` makes the command conditional on the user's version; `*` on the user existing"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body get the first answer"),
+        ("X-Request-Id" = Option<String>, Header, description = "Correlation id recorded with the events"),
+    ),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "UserReactivated appended", body = Accepted, headers(("ETag" = String, description = "The quoted version"))),
+        (status = 400, description = "Invalid id (`invalid_id`), malformed JSON (`malformed_json`) or an invalid header (`invalid_header`)", body = ErrorBody),
+        (status = 401, description = "No bearer token (`unauthenticated`)", body = ErrorBody),
+        (status = 403, description = "Not the admin token (`forbidden`)", body = ErrorBody),
+        (status = 404, description = "No such user (`user_not_found`)", body = ErrorBody),
+        (status = 409, description = "`already_active` or `concurrent_modification`", body = ErrorBody),
+        (status = 412, description = "If-Match names another version (`precondition_failed`)", body = ErrorBody),
+        (status = 413, description = "Body over 16 KiB (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "Body not sent as application/json (`unsupported_media_type`)", body = ErrorBody),
+        (status = 422, description = "Invalid or unknown fields (`validation_failed`) or a reused Idempotency-Key (`idempotency_key_reused`)", body = ErrorBody),
+        (status = 503, description = "PostgreSQL unavailable or the request timed out (`unavailable`, `timeout`)", body = ErrorBody),
+    ))]
 #[tracing::instrument(name = "reactivate_user", skip_all, fields(user_id = %id))]
-async fn reactivate(
+pub(crate) async fn reactivate(
     State(state): State<AppState>,
     _admin: Admin,
     Path(id): Path<String>,
@@ -155,7 +276,12 @@ async fn reactivate(
     OptionalJsonBody(body): OptionalJsonBody<StatusRequest>,
 ) -> Result<Response, ApiError> {
     let reason = parse_reason(body)?;
-    change_status(&state, &id, &headers, || Command::Reactivate {
+    let fingerprint = idempotency::fingerprint(&[
+        "POST /users/{id}/reactivate",
+        &id,
+        reason.as_deref().unwrap_or(""),
+    ]);
+    change_status(&state, &id, &headers, fingerprint, || Command::Reactivate {
         reason: reason.clone(),
     })
     .await
@@ -170,29 +296,95 @@ fn parse_reason(body: Option<StatusRequest>) -> Result<Option<String>, ApiError>
     })
 }
 
-/// Load, decide, append; on a lost race, decide again on the fresh stream.
+/// `If-Match`: `*` (the user must exist) or one quoted version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IfMatch {
+    Any,
+    Version(i32),
+}
+
+fn if_match(headers: &HeaderMap) -> Result<Option<IfMatch>, ApiError> {
+    let Some(raw) = header(headers, "if-match") else {
+        return Ok(None);
+    };
+    let raw = raw.trim();
+    if raw == "*" {
+        return Ok(Some(IfMatch::Any));
+    }
+    raw.strip_prefix('"')
+        .and_then(|r| r.strip_suffix('"'))
+        .and_then(|v| v.parse().ok())
+        .map(|v| Some(IfMatch::Version(v)))
+        .ok_or(ApiError::InvalidHeader {
+            name: "If-Match",
+            reason: "must be \"*\" or a quoted version such as \"3\"",
+        })
+}
+
+/// Load, check the precondition, decide, append. Without `If-Match`, a lost
+/// race is decided again on the fresh stream; with it, a lost race is a 412.
 async fn change_status(
     state: &AppState,
     id: &str,
     headers: &HeaderMap,
+    fingerprint: String,
     command: impl Fn() -> Command,
 ) -> Result<Response, ApiError> {
     let id = Uuid::parse_str(id).map_err(|_| ApiError::InvalidId)?;
-    let metadata = metadata(headers, "admin");
+    let precondition = if_match(headers)?;
+    let key = idempotency::key(headers)?;
+    if let Some(key) = &key {
+        if let Some(answer) = idempotency::lookup(&state.store, key, &fingerprint).await? {
+            return Ok(idempotency::replay(&answer));
+        }
+    }
+    let metadata = metadata(headers, "admin", key.as_deref());
+    let claim = idempotency::claim(
+        key.clone(),
+        fingerprint.clone(),
+        StatusCode::OK,
+        state.idempotency_ttl,
+    );
     for _ in 0..MAX_ATTEMPTS {
         let history = state.store.load(id).await?;
         let user = User::from_events(&history);
+        if let Some(IfMatch::Version(expected)) = precondition {
+            if user.version != 0 && user.version != expected {
+                return Err(ApiError::PreconditionFailed {
+                    current: user.version,
+                });
+            }
+        }
         let events = decide(&user, command())?;
         match state
             .store
-            .append(id, user.version, &events, &metadata)
+            .append(id, user.version, &events, &metadata, claim.as_ref())
             .await
         {
             Ok(appended) => {
-                return Ok(Accepted::new(id, appended).respond(StatusCode::OK));
+                tracing::info!(version = appended.version, "user status changed");
+                let accepted = Accepted {
+                    id,
+                    version: appended.version,
+                    position: appended.position,
+                };
+                return Ok(accepted.respond(StatusCode::OK));
+            }
+            Err(AppendError::VersionConflict)
+                if matches!(precondition, Some(IfMatch::Version(_))) =>
+            {
+                let current = User::from_events(&state.store.load(id).await?).version;
+                return Err(ApiError::PreconditionFailed { current });
             }
             Err(AppendError::VersionConflict) => {
                 tracing::debug!("lost an append race; deciding again on fresh state");
+            }
+            Err(AppendError::IdempotencyKeyTaken) => {
+                let key = key.as_deref().unwrap_or_default();
+                return match idempotency::lookup(&state.store, key, &fingerprint).await? {
+                    Some(answer) => Ok(idempotency::replay(&answer)),
+                    None => Err(ApiError::ConcurrentModification),
+                };
             }
             Err(other) => return Err(other.into()),
         }

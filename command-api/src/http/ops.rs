@@ -1,0 +1,49 @@
+//! Operational endpoints: liveness, readiness, metrics.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+
+/// Alive and serving.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process is alive", body = serde_json::Value)))]
+pub async fn healthz() -> impl IntoResponse {
+    platform::http::healthz().await
+}
+
+/// Ready when PostgreSQL answers; the relay's state is reported alongside but
+/// does not make the API unready: commands are accepted while Kafka is away,
+/// the log buffers them.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "PostgreSQL reachable; relay state included", body = serde_json::Value),
+        (status = 503, description = "PostgreSQL unreachable", body = serde_json::Value),
+    ))]
+#[tracing::instrument(name = "readyz", skip_all)]
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let postgres = tokio::time::timeout(
+        Duration::from_secs(2),
+        sqlx::query("SELECT 1").execute(state.store.pool()),
+    )
+    .await
+    .map_err(|_| "timed out".to_owned())
+    .and_then(|r| {
+        r.map(|_| serde_json::json!("reachable"))
+            .map_err(|e| e.to_string())
+    });
+    platform::http::readiness(BTreeMap::from([
+        ("postgres", postgres),
+        ("relay", Ok(state.relay.snapshot())),
+    ]))
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
+pub async fn metrics() -> impl IntoResponse {
+    platform::http::metrics().await
+}
