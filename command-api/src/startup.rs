@@ -21,7 +21,11 @@ pub struct Application {
     listener: tokio::net::TcpListener,
     router: axum::Router,
     relay: Option<Relay>,
+    store: EventStore,
 }
+
+/// How often expired idempotency keys are deleted.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// A connection pool for `settings`, failing fast when PostgreSQL is unreachable.
 pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
@@ -65,8 +69,9 @@ impl Application {
         } else {
             None
         };
+        let store = EventStore::new(pool);
         let state = AppState {
-            store: EventStore::new(pool),
+            store: store.clone(),
             hasher: Hasher::new(settings.hash_concurrency),
             admin_token: Arc::new(settings.admin_token.clone()),
             relay: status,
@@ -79,6 +84,7 @@ impl Application {
             listener,
             router: http::router(state, settings.request_timeout),
             relay,
+            store,
         })
     }
 
@@ -93,6 +99,7 @@ impl Application {
         let relay = self
             .relay
             .map(|relay| tokio::spawn(relay.run_until_stopped(shutdown.clone())));
+        tokio::spawn(sweep_idempotency_keys(self.store, shutdown));
         tracing::info!(%addr, service = "command-api", "listening");
         let served = platform::http::serve(self.listener, self.router, async move {
             platform::shutdown::signal().await;
@@ -103,5 +110,24 @@ impl Application {
             relay.await.context("the relay task panicked")?;
         }
         served.context("the HTTP server failed")
+    }
+}
+
+/// Deletes expired idempotency keys now and then (lookups already ignore them;
+/// this only bounds the table). Every replica may sweep: the DELETE is idempotent.
+async fn sweep_idempotency_keys(store: EventStore, mut shutdown: platform::shutdown::Shutdown) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(SWEEP_EVERY) => {}
+            () = shutdown.requested() => return,
+        }
+        match store.sweep_idempotency_keys().await {
+            Ok(0) => {}
+            Ok(swept) => tracing::debug!(swept, "expired idempotency keys deleted"),
+            Err(error) => tracing::warn!(
+                error = %platform::telemetry::error_chain(&error),
+                "could not sweep idempotency keys"
+            ),
+        }
     }
 }

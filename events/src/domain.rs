@@ -144,16 +144,34 @@ impl UserEvent {
     }
 }
 
-/// Brings a payload written under an older `schema_version` up to the current one.
-///
-/// Every event type is at version 1 today, so there is nothing to rewrite yet; a
-/// change of payload shape adds a step here (`(type, 1) => v1_to_v2(payload)`)
-/// and bumps [`UserEvent::current_schema_version`].
-fn upcast(
-    _event_type: &str,
-    _schema_version: i16,
-    payload: serde_json::Value,
-) -> serde_json::Value {
+/// Brings a payload written under an older `schema_version` up to the current
+/// one, one version step at a time, so stored history is never rewritten.
+fn upcast(event_type: &str, from: i16, mut payload: serde_json::Value) -> serde_json::Value {
+    let current = UserEvent::current_schema_version(event_type).unwrap_or(from);
+    for version in from..current {
+        payload = match (event_type, version) {
+            (UserEvent::REGISTERED, 0) => registered_v0_to_v1(payload),
+            // No shape change between these versions.
+            _ => payload,
+        };
+    }
+    payload
+}
+
+/// UserRegistered v0 was the pre-release draft: the address was stored as
+/// typed under `email_address`. v1 names it `email` and stores it normalised
+/// (trimmed, lower-case), which is what uniqueness is decided on. The
+/// migrations only admit v1 rows; this step is the worked example of the hook
+/// that the next payload change will extend.
+fn registered_v0_to_v1(mut payload: serde_json::Value) -> serde_json::Value {
+    if let Some(object) = payload.as_object_mut() {
+        if let Some(serde_json::Value::String(address)) = object.remove("email_address") {
+            object.insert(
+                "email".into(),
+                serde_json::Value::String(address.trim().to_lowercase()),
+            );
+        }
+    }
     payload
 }
 
@@ -212,6 +230,33 @@ mod tests {
     #[test]
     fn password_hash_never_shows_in_debug_output() {
         assert!(!format!("{:?}", registered()).contains("$argon2"));
+    }
+
+    #[test]
+    fn a_v0_registration_is_upcast_to_v1_when_read() {
+        let v0 = serde_json::json!({
+            "username": "alice",
+            "email_address": " Alice@Example.COM ",
+            "password_hash": "$argon2id$v=19$secret",
+        });
+        let event = UserEvent::decode(UserEvent::REGISTERED, 0, v0).unwrap();
+        let UserEvent::Registered(registered) = event else {
+            panic!("expected UserRegistered");
+        };
+        assert_eq!(registered.email, "alice@example.com");
+        assert_eq!(registered.username, "alice");
+        // v1 payloads pass through unchanged.
+        let v1 = registered_event_payload();
+        assert_eq!(
+            UserEvent::decode(UserEvent::REGISTERED, 1, v1.clone())
+                .unwrap()
+                .payload(),
+            v1
+        );
+    }
+
+    fn registered_event_payload() -> serde_json::Value {
+        registered().payload()
     }
 
     #[test]
