@@ -84,6 +84,16 @@ struct StatusInner {
     checkpoint: Checkpoint,
     last_published_at: Option<DateTime<Utc>>,
     last_error: Option<String>,
+    lag: Option<Lag>,
+}
+
+/// How far Kafka is behind the log.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Lag {
+    /// Events committed to the log but not yet acknowledged by Kafka.
+    pub events: i64,
+    /// Age of the oldest of them; 0 when there are none.
+    pub seconds: f64,
 }
 
 impl RelayStatus {
@@ -103,8 +113,58 @@ impl RelayStatus {
             "checkpoint_position": s.checkpoint.global_position,
             "last_published_at": s.last_published_at,
             "last_error": s.last_error,
+            "lag_events": s.lag.map(|l| l.events),
+            "lag_seconds": s.lag.map(|l| l.seconds),
         })
     }
+
+    /// Measures the lag from the shared checkpoint every `every`, for
+    /// `/readyz` and the `relay_lag_*` gauges. Runs in every replica, leader
+    /// or not, since it reads only the log and the checkpoint.
+    pub async fn monitor_lag(
+        self,
+        pool: PgPool,
+        relay: String,
+        every: Duration,
+        mut shutdown: Shutdown,
+    ) {
+        loop {
+            match lag(&pool, &relay).await {
+                Ok(lag) => {
+                    metrics::gauge!("relay_lag_events").set(lag.events as f64);
+                    metrics::gauge!("relay_lag_seconds").set(lag.seconds);
+                    self.update(|s| s.lag = Some(lag));
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error_chain(&error), "could not measure the relay lag");
+                    self.update(|s| s.lag = None);
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = shutdown.requested() => return,
+            }
+        }
+    }
+}
+
+/// Events after the checkpoint of `relay`, and the age of the oldest.
+#[tracing::instrument(name = "sql_relay_lag", skip(pool))]
+pub async fn lag(pool: &PgPool, relay: &str) -> Result<Lag, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let checkpoint = load_checkpoint(&mut conn, relay).await?;
+    let (events, seconds): (i64, Option<f64>) = sqlx::query_as(
+        "SELECT count(*), EXTRACT(EPOCH FROM now() - min(recorded_at))::float8 FROM events \
+         WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2)",
+    )
+    .bind(checkpoint.transaction_id)
+    .bind(checkpoint.global_position)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Lag {
+        events,
+        seconds: seconds.unwrap_or(0.0).max(0.0),
+    })
 }
 
 pub struct Relay {
@@ -134,7 +194,7 @@ impl Relay {
     }
 
     /// Competes for leadership and relays while leader, until shutdown.
-    pub async fn run_until_stopped(self, mut shutdown: Shutdown) {
+    pub async fn run_until_stopped(mut self, mut shutdown: Shutdown) {
         while !shutdown.is_requested() {
             if let Err(error) = self.lead(&mut shutdown).await {
                 tracing::error!(error = %error_chain(&error), "relay lost its database session; retrying");
@@ -156,7 +216,7 @@ impl Relay {
     /// Takes the leader lock (waiting for it), then relays until the session
     /// fails or shutdown is requested. Returning drops the connection, which
     /// releases the lock.
-    async fn lead(&self, shutdown: &mut Shutdown) -> Result<(), RelayError> {
+    async fn lead(&mut self, shutdown: &mut Shutdown) -> Result<(), RelayError> {
         let mut conn = PgConnection::connect_with(&self.pool.connect_options()).await?;
         loop {
             let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
@@ -209,6 +269,7 @@ impl Relay {
                     tracing::error!(error = %error_chain(&error), retry_in_ms = backoff.as_millis() as u64, "relay could not publish; the checkpoint holds");
                     self.status
                         .update(|s| s.last_error = Some(error_chain(&error)));
+                    self.replace_producer_if_fatal();
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
                         () = shutdown.requested() => {}
@@ -218,6 +279,22 @@ impl Relay {
             }
         }
         Ok(())
+    }
+
+    /// An idempotent producer that hit a fatal error (e.g. a broken sequence)
+    /// refuses every later message; only a new producer can go on. The batch
+    /// is re-sent from the checkpoint, so nothing is skipped.
+    fn replace_producer_if_fatal(&mut self) {
+        let Some((code, reason)) = self.producer.client().fatal_error() else {
+            return;
+        };
+        tracing::error!(?code, %reason, "the Kafka producer hit a fatal error; replacing it");
+        match producer_config(&self.kafka).create() {
+            Ok(producer) => self.producer = producer,
+            Err(error) => {
+                tracing::error!(error = %error_chain(&error), "could not create a new Kafka producer");
+            }
+        }
     }
 
     /// Publishes the next batch of finished events and advances the checkpoint.
@@ -332,7 +409,7 @@ pub fn producer_config(kafka: &KafkaSettings) -> ClientConfig {
 }
 
 #[tracing::instrument(name = "sql_load_checkpoint", skip(conn))]
-async fn load_checkpoint(conn: &mut PgConnection, relay: &str) -> Result<Checkpoint, RelayError> {
+async fn load_checkpoint(conn: &mut PgConnection, relay: &str) -> Result<Checkpoint, sqlx::Error> {
     let row: Option<(i64, i64)> = sqlx::query_as(
         "SELECT transaction_id::text::bigint, global_position FROM relay_checkpoints WHERE relay = $1",
     )

@@ -21,8 +21,12 @@ pub struct Application {
     listener: tokio::net::TcpListener,
     router: axum::Router,
     relay: Option<Relay>,
+    lag_monitor: Option<(PgPool, String, RelayStatus)>,
     store: EventStore,
 }
+
+/// How often the relay lag is measured.
+const LAG_EVERY: Duration = Duration::from_secs(2);
 
 /// How often expired idempotency keys are deleted.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -56,6 +60,10 @@ impl Application {
         let pool = connect(&settings).await?;
         migrate(&pool).await?;
         let status = RelayStatus::default();
+        let lag_monitor = settings
+            .relay
+            .enabled
+            .then(|| (pool.clone(), settings.kafka.topic.clone(), status.clone()));
         let relay = if settings.relay.enabled {
             Some(
                 Relay::new(
@@ -84,6 +92,7 @@ impl Application {
             listener,
             router: http::router(state, settings.request_timeout),
             relay,
+            lag_monitor,
             store,
         })
     }
@@ -99,6 +108,9 @@ impl Application {
         let relay = self
             .relay
             .map(|relay| tokio::spawn(relay.run_until_stopped(shutdown.clone())));
+        if let Some((pool, relay_name, status)) = self.lag_monitor {
+            tokio::spawn(status.monitor_lag(pool, relay_name, LAG_EVERY, shutdown.clone()));
+        }
         tokio::spawn(sweep_idempotency_keys(self.store, shutdown));
         tracing::info!(%addr, service = "command-api", "listening");
         let served = platform::http::serve(self.listener, self.router, async move {

@@ -245,6 +245,12 @@ impl Running {
         })
     }
 
+    /// Kills the process outright (SIGKILL): a crash, not a shutdown.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Asks the service to stop (SIGTERM) and waits for it to exit.
     pub async fn stop(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
@@ -327,4 +333,74 @@ pub async fn read_topic(
         });
     }
     seen
+}
+
+/// The JSON Schema kept in `events/schema/` for a `ce_type`.
+pub fn event_schema(ce_type: &str) -> Option<serde_json::Value> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../events/schema")
+        .join(format!("{ce_type}.json"));
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(serde_json::from_str(&text).expect("schema files are JSON"))
+}
+
+/// How a message departs from the Kafka contract: CloudEvents headers in the
+/// binary binding, key = user id = ce_subject, and a body valid under the
+/// schema of its ce_type. Empty when it conforms.
+pub fn contract_violations(message: &KafkaMessage) -> Vec<String> {
+    let mut problems = Vec::new();
+    let header = |name: &str| message.headers.get(name).map(String::as_str);
+    if header("ce_specversion") != Some("1.0") {
+        problems.push("ce_specversion is not 1.0".to_owned());
+    }
+    if header("content-type") != Some("application/json") {
+        problems.push("content-type is not application/json".to_owned());
+    }
+    if header("ce_id")
+        .and_then(|id| Uuid::parse_str(id).ok())
+        .is_none()
+    {
+        problems.push("ce_id is not a UUID".to_owned());
+    }
+    if header("ce_source").is_none_or(str::is_empty) {
+        problems.push("ce_source is missing".to_owned());
+    }
+    let time_ok = header("ce_time").is_some_and(|t| chrono_rfc3339(t));
+    if !time_ok {
+        problems.push("ce_time is not an RFC 3339 time".to_owned());
+    }
+    let subject = header("ce_subject");
+    if subject.is_none() || subject != message.key.as_deref() {
+        problems.push("ce_subject is not the message key".to_owned());
+    }
+    if message.body["user_id"].as_str() != subject {
+        problems.push("the body's user_id is not ce_subject".to_owned());
+    }
+    if message.body["occurred_at"].as_str() != header("ce_time") {
+        // Same instant, maybe formatted differently: compare parsed values.
+        let parse = |s: Option<&str>| s.and_then(|s| s.parse::<DateTime>().ok());
+        if parse(message.body["occurred_at"].as_str()) != parse(header("ce_time")) {
+            problems.push("the body's occurred_at is not ce_time".to_owned());
+        }
+    }
+    let Some(schema) = header("ce_type").and_then(event_schema) else {
+        problems.push(format!("no schema for ce_type {:?}", header("ce_type")));
+        return problems;
+    };
+    let validator = jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .expect("event schemas compile");
+    problems.extend(
+        validator
+            .iter_errors(&message.body)
+            .map(|e| format!("body: {e} at {}", e.instance_path())),
+    );
+    problems
+}
+
+type DateTime = chrono::DateTime<chrono::Utc>;
+
+fn chrono_rfc3339(text: &str) -> bool {
+    chrono::DateTime::parse_from_rfc3339(text).is_ok()
 }

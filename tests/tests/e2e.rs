@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use userstream_tests::{eventually, read_topic, Service, TestEnv, TEST_ADMIN_TOKEN};
+use userstream_tests::{
+    contract_violations, eventually, read_topic, Service, TestEnv, TEST_ADMIN_TOKEN,
+};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -79,6 +81,10 @@ async fn a_registered_then_deactivated_user_reaches_the_query_api_and_the_topic(
         .collect();
     let types: Vec<_> = mine.iter().map(|m| m.headers["ce_type"].as_str()).collect();
     assert_eq!(types, ["user.registered.v1", "user.deactivated.v1"]);
+    for message in &mine {
+        let problems = contract_violations(message);
+        assert!(problems.is_empty(), "{problems:?} in {message:?}");
+    }
     for (message, version) in mine.iter().zip(1..) {
         assert_eq!(message.headers["ce_specversion"], "1.0");
         assert_eq!(message.headers["ce_subject"], id);
