@@ -5,7 +5,8 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::{fmt, EnvFilter};
 
-/// Installs the global tracing subscriber.
+/// Installs the global tracing subscriber and the Prometheus recorder (before
+/// any metric is recorded: metrics recorded earlier would be lost).
 ///
 /// `RUST_LOG` filters (default `info`); `LOG_FORMAT=json` switches to one JSON
 /// object per line, which is what the end-to-end tests and log shippers read.
@@ -20,6 +21,7 @@ pub fn init() {
     } else {
         builder.try_init()
     };
+    metrics_handle();
 }
 
 /// The process-wide Prometheus recorder; installed on first use.

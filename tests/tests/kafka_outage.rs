@@ -1,0 +1,102 @@
+//! Kafka goes away: commands are still accepted (the log is the buffer), the
+//! lag shows in /readyz and /metrics, and when Kafka returns the backlog drains
+//! by itself. This stops the shared broker, so it is its own test binary
+//! (cargo runs test binaries one after another).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use futures::future::join_all;
+use serde_json::{json, Value};
+use userstream_tests::{eventually, read_topic, Service, TestEnv};
+
+fn stack(action: &str) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/stack");
+    let status = Command::new(script)
+        .args([action, "kafka"])
+        .status()
+        .expect("run scripts/stack");
+    assert!(status.success(), "scripts/stack {action} kafka failed");
+}
+
+/// Restarts Kafka however the test ends, so later tests find it up.
+struct KafkaStopped;
+
+impl KafkaStopped {
+    fn stop() -> Self {
+        stack("stop");
+        Self
+    }
+}
+
+impl Drop for KafkaStopped {
+    fn drop(&mut self) {
+        stack("start");
+    }
+}
+
+fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(name) && line[name.len()..].starts_with(' '))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn the_log_buffers_while_kafka_is_down_and_drains_in_order_when_it_returns() {
+    let env = TestEnv::new().await;
+    let command = env.spawn(Service::CommandApi, &[("KAFKA_MESSAGE_TIMEOUT_MS", "5000")]).await;
+    let http = reqwest::Client::new();
+
+    let outage = KafkaStopped::stop();
+    let answers = join_all((0..100).map(|i| {
+        let http = http.clone();
+        let url = command.url("/users");
+        async move {
+            let response = http
+                .post(url)
+                .json(&json!({ "username": format!("outage{i}"), "email": format!("outage{i}@example.com"), "password": "correct horse battery staple" }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 201, "commands are accepted while Kafka is down");
+            let body: Value = response.json().await.unwrap();
+            body["id"].as_str().unwrap().to_owned()
+        }
+    }))
+    .await;
+    let ids: BTreeSet<String> = answers.into_iter().collect();
+
+    let readyz = eventually("the lag to show in /readyz", Duration::from_secs(20), || async {
+        let response = http.get(command.url("/readyz")).send().await.ok()?;
+        let status = response.status();
+        let body: Value = response.json().await.ok()?;
+        (body["checks"]["relay"]["detail"]["lag_events"].as_i64()? >= 100).then_some((status, body))
+    })
+    .await;
+    assert_eq!(readyz.0, 200, "the API stays ready: the log buffers");
+    assert!(readyz.1["checks"]["relay"]["detail"]["lag_seconds"].as_f64().unwrap() >= 0.0);
+    let metrics = http.get(command.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(gauge(&metrics, "relay_lag_events").unwrap() >= 100.0, "{metrics}");
+
+    drop(outage); // Kafka starts again.
+    let messages = read_topic(&env.topic, Duration::from_secs(120), |seen| {
+        let keys: BTreeSet<&str> = seen.iter().filter_map(|m| m.key.as_deref()).collect();
+        ids.iter().all(|id| keys.contains(id.as_str()))
+    })
+    .await;
+    for id in &ids {
+        let mine: Vec<_> = messages.iter().filter(|m| m.key.as_deref() == Some(id)).collect();
+        assert!(mine.iter().all(|m| m.headers["ce_type"] == "user.registered.v1"));
+        assert!(mine.iter().all(|m| m.body["stream_version"] == 1));
+    }
+    eventually("the lag to return to zero", Duration::from_secs(30), || async {
+        let metrics = http.get(command.url("/metrics")).send().await.ok()?.text().await.ok()?;
+        let published = gauge(&metrics, "relay_lag_events")?;
+        (published == 0.0).then_some(())
+    })
+    .await;
+}
