@@ -48,7 +48,9 @@ fn gauge(metrics: &str, name: &str) -> Option<f64> {
 #[tokio::test]
 async fn the_log_buffers_while_kafka_is_down_and_drains_in_order_when_it_returns() {
     let env = TestEnv::new().await;
-    let command = env.spawn(Service::CommandApi, &[("KAFKA_MESSAGE_TIMEOUT_MS", "5000")]).await;
+    let command = env
+        .spawn(Service::CommandApi, &[("KAFKA_MESSAGE_TIMEOUT_MS", "5000")])
+        .await;
     let http = reqwest::Client::new();
 
     let outage = KafkaStopped::stop();
@@ -70,17 +72,37 @@ async fn the_log_buffers_while_kafka_is_down_and_drains_in_order_when_it_returns
     .await;
     let ids: BTreeSet<String> = answers.into_iter().collect();
 
-    let readyz = eventually("the lag to show in /readyz", Duration::from_secs(20), || async {
-        let response = http.get(command.url("/readyz")).send().await.ok()?;
-        let status = response.status();
-        let body: Value = response.json().await.ok()?;
-        (body["checks"]["relay"]["detail"]["lag_events"].as_i64()? >= 100).then_some((status, body))
-    })
+    let readyz = eventually(
+        "the lag to show in /readyz",
+        Duration::from_secs(20),
+        || async {
+            let response = http.get(command.url("/readyz")).send().await.ok()?;
+            let status = response.status();
+            let body: Value = response.json().await.ok()?;
+            (body["checks"]["relay"]["detail"]["lag_events"].as_i64()? >= 100)
+                .then_some((status, body))
+        },
+    )
     .await;
     assert_eq!(readyz.0, 200, "the API stays ready: the log buffers");
-    assert!(readyz.1["checks"]["relay"]["detail"]["lag_seconds"].as_f64().unwrap() >= 0.0);
-    let metrics = http.get(command.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(gauge(&metrics, "relay_lag_events").unwrap() >= 100.0, "{metrics}");
+    assert!(
+        readyz.1["checks"]["relay"]["detail"]["lag_seconds"]
+            .as_f64()
+            .unwrap()
+            >= 0.0
+    );
+    let metrics = http
+        .get(command.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        gauge(&metrics, "relay_lag_events").unwrap() >= 100.0,
+        "{metrics}"
+    );
 
     drop(outage); // Kafka starts again.
     let messages = read_topic(&env.topic, Duration::from_secs(120), |seen| {
@@ -89,14 +111,30 @@ async fn the_log_buffers_while_kafka_is_down_and_drains_in_order_when_it_returns
     })
     .await;
     for id in &ids {
-        let mine: Vec<_> = messages.iter().filter(|m| m.key.as_deref() == Some(id)).collect();
-        assert!(mine.iter().all(|m| m.headers["ce_type"] == "user.registered.v1"));
+        let mine: Vec<_> = messages
+            .iter()
+            .filter(|m| m.key.as_deref() == Some(id))
+            .collect();
+        assert!(mine
+            .iter()
+            .all(|m| m.headers["ce_type"] == "user.registered.v1"));
         assert!(mine.iter().all(|m| m.body["stream_version"] == 1));
     }
-    eventually("the lag to return to zero", Duration::from_secs(30), || async {
-        let metrics = http.get(command.url("/metrics")).send().await.ok()?.text().await.ok()?;
-        let published = gauge(&metrics, "relay_lag_events")?;
-        (published == 0.0).then_some(())
-    })
+    eventually(
+        "the lag to return to zero",
+        Duration::from_secs(30),
+        || async {
+            let metrics = http
+                .get(command.url("/metrics"))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            let published = gauge(&metrics, "relay_lag_events")?;
+            (published == 0.0).then_some(())
+        },
+    )
     .await;
 }

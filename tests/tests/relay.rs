@@ -211,7 +211,12 @@ async fn every_event_of_eight_concurrent_writers_reaches_kafka_once_and_in_versi
     }
     let status = relay_status(&relay).await;
     assert_eq!(status["leader"], true);
-    let metrics = reqwest::get(relay.url("/metrics")).await.unwrap().text().await.unwrap();
+    let metrics = reqwest::get(relay.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let published = metrics
         .lines()
         .find_map(|l| l.strip_prefix("relay_events_published_total "))
