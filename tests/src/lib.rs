@@ -202,13 +202,14 @@ impl Service {
     }
 }
 
-/// The service binaries sit next to the test binary's `deps/` folder.
+/// The service binaries sit in `target/<profile>/`: beside a binary run from
+/// there (the bench), or one level above a test binary in `deps/`.
 fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps layout");
+    let exe = std::env::current_exe().expect("own binary path");
+    let mut dir = exe.parent().expect("binary has a folder").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -365,7 +366,7 @@ pub fn contract_violations(message: &KafkaMessage) -> Vec<String> {
     if header("ce_source").is_none_or(str::is_empty) {
         problems.push("ce_source is missing".to_owned());
     }
-    let time_ok = header("ce_time").is_some_and(|t| chrono_rfc3339(t));
+    let time_ok = header("ce_time").is_some_and(chrono_rfc3339);
     if !time_ok {
         problems.push("ce_time is not an RFC 3339 time".to_owned());
     }

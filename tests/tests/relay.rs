@@ -134,6 +134,8 @@ async fn relay_status(service: &Running) -> Value {
     readyz["checks"]["relay"]["detail"].clone()
 }
 
+type Breakage = Box<dyn Fn(&mut KafkaMessage)>;
+
 #[test]
 fn the_contract_check_refuses_messages_that_break_the_contract() {
     let user = Uuid::new_v4().to_string();
@@ -157,7 +159,7 @@ fn the_contract_check_refuses_messages_that_break_the_contract() {
         raw: String::new(),
     };
     assert_eq!(contract_violations(&good), Vec::<String>::new());
-    let broken: Vec<Box<dyn Fn(&mut KafkaMessage)>> = vec![
+    let broken: Vec<Breakage> = vec![
         Box::new(|m| m.body["data"]["password_hash"] = json!("$argon2id$")),
         Box::new(|m| m.body["stream_version"] = json!(1)),
         Box::new(|m| m.body["user_id"] = json!("not-a-uuid")),
