@@ -16,6 +16,9 @@ stack-down:
 stack-status:
 	scripts/stack status
 
+bench:        ## benchmarks, as ratios to limits measured in the same run
+	scripts/bench
+
 lint:         ## formatting and clippy, as CI checks them
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings

@@ -42,7 +42,6 @@ fn kafka(topic: &str) -> KafkaSettings {
         topic_partitions: 6,
         topic_replication: 1,
         ce_source: "urn:userstream:command-api".into(),
-        message_timeout: Duration::from_secs(30),
     }
 }
 

@@ -41,9 +41,6 @@ pub struct KafkaSettings {
     pub topic_replication: i32,
     /// `CE_SOURCE`: the CloudEvents `source` attribute, default `urn:userstream:command-api`.
     pub ce_source: String,
-    /// `KAFKA_MESSAGE_TIMEOUT_MS`: how long librdkafka retries one message before
-    /// reporting failure (the relay then retries the batch), default 30 000.
-    pub message_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -86,7 +83,6 @@ impl Settings {
                 topic_partitions: parse("KAFKA_TOPIC_PARTITIONS", 6)?,
                 topic_replication: parse("KAFKA_TOPIC_REPLICATION", 1)?,
                 ce_source: string("CE_SOURCE", "urn:userstream:command-api"),
-                message_timeout: Duration::from_millis(parse("KAFKA_MESSAGE_TIMEOUT_MS", 30_000)?),
             },
             relay: RelaySettings {
                 enabled: parse("RELAY_ENABLED", true)?,

@@ -785,3 +785,85 @@ async fn openapi_describes_exactly_the_routes_served() {
         json!([])
     );
 }
+
+#[tokio::test]
+async fn status_commands_refuse_oversized_and_non_json_bodies() {
+    let api = Api::start().await;
+    let id = api.register_new().await.to_string();
+    let text = api
+        .status(
+            "deactivate",
+            api.status_request(&id, "deactivate")
+                .header("content-type", "text/plain")
+                .body("reason=spam"),
+        )
+        .await;
+    assert_eq!((text.status, text.code()), (415, "unsupported_media_type"));
+    let huge = api
+        .status(
+            "reactivate",
+            api.status_request(&id, "reactivate")
+                .json(&json!({ "reason": "r".repeat(20_000) })),
+        )
+        .await;
+    assert_eq!((huge.status, huge.code()), (413, "payload_too_large"));
+    let malformed = api
+        .status(
+            "deactivate",
+            api.status_request(&id, "deactivate")
+                .header("content-type", "application/json")
+                .body("{"),
+        )
+        .await;
+    assert_eq!(
+        (malformed.status, malformed.code()),
+        (400, "malformed_json")
+    );
+    assert_eq!(api.event_count().await, 1);
+}
+
+#[tokio::test]
+async fn the_api_answers_503_and_is_unready_when_its_database_is_gone() {
+    let api = Api::start().await;
+    api.register_new().await;
+    let mut admin =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&userstream_tests::admin_database_url())
+            .await
+            .unwrap();
+    sqlx::query(&format!(
+        "DROP DATABASE {} WITH (FORCE)",
+        api.env.database_name
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+
+    let answer = api.register("ivy", "ivy@example.com", PASSWORD).await;
+    assert_eq!(
+        (answer.status, answer.code()),
+        (503, "unavailable"),
+        "{}",
+        answer.text
+    );
+    let readyz = api
+        .http
+        .get(api.service.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(readyz.status(), 503);
+    let healthz = api
+        .http
+        .get(api.service.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(healthz.status(), 200, "alive, just not ready");
+    assert!(
+        api.service
+            .logs()
+            .iter()
+            .any(|l| l.contains("request failed") && l.contains("unavailable")),
+        "the 503 is logged with its cause"
+    );
+}

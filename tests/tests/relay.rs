@@ -290,6 +290,13 @@ async fn a_second_replica_takes_over_within_seconds_when_the_leader_dies_mid_str
     let messages = read_all(&env, &written, Duration::from_secs(120)).await;
     // At least once: a crash may repeat events, always with the same ce_id and
     // in the same order per user, so deduplicating by ce_id restores the stream.
+    let mut first_copy: HashMap<String, String> = HashMap::new();
+    for m in &messages {
+        let copy = first_copy
+            .entry(m.headers["ce_id"].clone())
+            .or_insert_with(|| m.raw.clone());
+        assert_eq!(copy, &m.raw, "a duplicate must be the same event");
+    }
     let mut seen = BTreeSet::new();
     let deduplicated: Vec<KafkaMessage> = messages
         .into_iter()

@@ -127,13 +127,25 @@ impl From<DomainError> for ApiError {
     }
 }
 
-/// Connection-level failures mean "try again later", not "we are broken".
+/// Failures to reach PostgreSQL mean "try again later" (503), not "we are
+/// broken" (500): I/O and pool errors, and the server's own refusals to serve
+/// (connection exceptions, shutdown, too many connections, missing database).
 fn from_sqlx(error: sqlx::Error) -> ApiError {
-    match error {
-        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-            ApiError::Unavailable(error.into())
-        }
-        other => ApiError::Internal(other.into()),
+    let unavailable = match &error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || code.starts_with("57P") || code == "53300" || code == "3D000"
+        }),
+        _ => false,
+    };
+    if unavailable {
+        ApiError::Unavailable(error.into())
+    } else {
+        ApiError::Internal(error.into())
     }
 }
 

@@ -102,6 +102,7 @@ fn metadata(headers: &HeaderMap, actor: &str, key: Option<&str>) -> EventMetadat
         (status = 413, description = "Body over 16 KiB (`payload_too_large`)", body = ErrorBody),
         (status = 415, description = "Body not sent as application/json (`unsupported_media_type`)", body = ErrorBody),
         (status = 422, description = "Invalid or unknown fields (`validation_failed`, with `fields`) or a reused Idempotency-Key (`idempotency_key_reused`)", body = ErrorBody),
+        (status = 500, description = "An unexpected failure (`internal`); details are logged, not returned", body = ErrorBody),
         (status = 503, description = "PostgreSQL unavailable or the request timed out (`unavailable`, `timeout`)", body = ErrorBody),
     ))]
 #[tracing::instrument(name = "register_user", skip_all)]
@@ -222,6 +223,7 @@ async fn replay_registration(
         (status = 413, description = "Body over 16 KiB (`payload_too_large`)", body = ErrorBody),
         (status = 415, description = "Body not sent as application/json (`unsupported_media_type`)", body = ErrorBody),
         (status = 422, description = "Invalid or unknown fields (`validation_failed`) or a reused Idempotency-Key (`idempotency_key_reused`)", body = ErrorBody),
+        (status = 500, description = "An unexpected failure (`internal`); details are logged, not returned", body = ErrorBody),
         (status = 503, description = "PostgreSQL unavailable or the request timed out (`unavailable`, `timeout`)", body = ErrorBody),
     ))]
 #[tracing::instrument(name = "deactivate_user", skip_all, fields(user_id = %id))]
@@ -265,6 +267,7 @@ pub(crate) async fn deactivate(
         (status = 413, description = "Body over 16 KiB (`payload_too_large`)", body = ErrorBody),
         (status = 415, description = "Body not sent as application/json (`unsupported_media_type`)", body = ErrorBody),
         (status = 422, description = "Invalid or unknown fields (`validation_failed`) or a reused Idempotency-Key (`idempotency_key_reused`)", body = ErrorBody),
+        (status = 500, description = "An unexpected failure (`internal`); details are logged, not returned", body = ErrorBody),
         (status = 503, description = "PostgreSQL unavailable or the request timed out (`unavailable`, `timeout`)", body = ErrorBody),
     ))]
 #[tracing::instrument(name = "reactivate_user", skip_all, fields(user_id = %id))]

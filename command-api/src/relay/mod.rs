@@ -1,23 +1,34 @@
-//! The relay: mirrors the event log to Kafka, gap-safe, at least once.
+//! The relay: mirrors the event log to Kafka, gap-safe, at least once, in order.
 //!
 //! * One leader among all replicas: the relay holds a session-level advisory
 //!   lock on a dedicated connection, and reads and checkpoints through that same
 //!   connection, so a relay whose session died cannot move the checkpoint.
-//! * Gap-safe reads: events are read in (transaction id, position) order and only
-//!   below `pg_snapshot_xmin(pg_current_snapshot())`, i.e. from transactions that
-//!   have all finished. An event that commits late with a lower position belongs
-//!   to a transaction at or above xmin, so it is waited for, never skipped.
-//! * The checkpoint moves only after Kafka acknowledged every message of the
-//!   batch; a failed delivery retries the batch (same `ce_id`s), never skips.
+//! * Gap-safe reads ([`log::read_batch`]): (transaction id, position) order,
+//!   only below `pg_snapshot_xmin(pg_current_snapshot())`.
+//! * In order, no gaps: the idempotent producer never times a message out
+//!   (`message.timeout.ms = 0`). A message that timed out would be skipped while
+//!   later messages of its partition were written, and re-sending it would then
+//!   put it after them: a reorder. Kafka being away just makes the batch wait.
+//! * The checkpoint moves only after Kafka acknowledged every message up to it.
+//!   Up to [`PIPELINE_DEPTH`] batches are in flight: the next batch is read and
+//!   queued while the previous one waits for its acknowledgements, and
+//!   checkpoints advance in batch order. Any failure drops the pipeline and
+//!   re-sends from the checkpoint (same `ce_id`s).
 //! * Woken by LISTEN/NOTIFY at commit, with a polling fallback.
 
-use std::sync::{Arc, Mutex};
+pub mod log;
+pub mod status;
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use events::domain::RecordedEvent;
-use events::{IntegrationEvent, UserEvent};
+use events::IntegrationEvent;
 use futures::future::try_join_all;
+use platform::shutdown::Shutdown;
+use platform::telemetry::error_chain;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -27,16 +38,17 @@ use rdkafka::util::Timeout;
 use rdkafka::ClientConfig;
 use sqlx::postgres::{PgConnection, PgListener};
 use sqlx::{Connection, PgPool};
-use uuid::Uuid;
 
 use crate::config::{KafkaSettings, RelaySettings};
-use platform::shutdown::Shutdown;
-use platform::telemetry::error_chain;
+pub use log::{read_batch, Checkpoint, Lag};
+pub use status::RelayStatus;
 
 /// Advisory lock key of the relay leader ("usrelay" in ASCII). Advisory locks are
 /// per database, so each database (and each test database) has its own leader.
 const LEADER_LOCK: i64 = 0x0075_7372_656c_6179;
 pub const NOTIFY_CHANNEL: &str = "events_appended";
+/// Batches queued on the producer before the oldest must be acknowledged.
+pub const PIPELINE_DEPTH: usize = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -57,114 +69,49 @@ pub enum RelayError {
     },
 }
 
-/// The relay's position in the log: the last event Kafka acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Checkpoint {
-    pub transaction_id: i64,
-    pub global_position: i64,
-}
-
 /// What one [`Relay::step`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
-    /// This many events were published and checkpointed.
+    /// This many events were read and queued on the producer.
+    Queued(usize),
+    /// This many events were acknowledged and checkpointed.
     Published(usize),
-    /// Nothing committed is waiting.
+    /// Nothing committed is waiting and nothing is in flight.
     Idle,
 }
 
-/// What `/readyz` shows of the relay in this process.
-#[derive(Clone, Default)]
-pub struct RelayStatus(Arc<Mutex<StatusInner>>);
+type Acks = Pin<Box<dyn Future<Output = Result<(), KafkaError>> + Send>>;
 
-#[derive(Default)]
-struct StatusInner {
-    enabled: bool,
-    leader: bool,
+/// A batch queued on the producer, waiting for its acknowledgements.
+struct InFlight {
+    last: Checkpoint,
+    count: usize,
+    recorded_at: DateTime<Utc>,
+    queued_at: Instant,
+    acks: Acks,
+}
+
+/// Where the leader is: acknowledged (`checkpoint`) and read (`cursor`).
+struct Progress {
     checkpoint: Checkpoint,
-    last_published_at: Option<DateTime<Utc>>,
-    last_error: Option<String>,
-    lag: Option<Lag>,
+    cursor: Checkpoint,
+    in_flight: VecDeque<InFlight>,
 }
 
-/// How far Kafka is behind the log.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Lag {
-    /// Events committed to the log but not yet acknowledged by Kafka.
-    pub events: i64,
-    /// Age of the oldest of them; 0 when there are none.
-    pub seconds: f64,
-}
-
-impl RelayStatus {
-    fn update(&self, f: impl FnOnce(&mut StatusInner)) {
-        if let Ok(mut inner) = self.0.lock() {
-            f(&mut inner);
+impl Progress {
+    fn new(checkpoint: Checkpoint) -> Self {
+        Self {
+            checkpoint,
+            cursor: checkpoint,
+            in_flight: VecDeque::new(),
         }
     }
 
-    pub fn snapshot(&self) -> serde_json::Value {
-        let Ok(s) = self.0.lock() else {
-            return serde_json::json!({ "error": "status unavailable" });
-        };
-        serde_json::json!({
-            "enabled": s.enabled,
-            "leader": s.leader,
-            "checkpoint_position": s.checkpoint.global_position,
-            "last_published_at": s.last_published_at,
-            "last_error": s.last_error,
-            "lag_events": s.lag.map(|l| l.events),
-            "lag_seconds": s.lag.map(|l| l.seconds),
-        })
+    /// Forgets what is in flight: the next read starts after the checkpoint.
+    fn rewind(&mut self) {
+        self.in_flight.clear();
+        self.cursor = self.checkpoint;
     }
-
-    /// Measures the lag from the shared checkpoint every `every`, for
-    /// `/readyz` and the `relay_lag_*` gauges. Runs in every replica, leader
-    /// or not, since it reads only the log and the checkpoint.
-    pub async fn monitor_lag(
-        self,
-        pool: PgPool,
-        relay: String,
-        every: Duration,
-        mut shutdown: Shutdown,
-    ) {
-        loop {
-            match lag(&pool, &relay).await {
-                Ok(lag) => {
-                    metrics::gauge!("relay_lag_events").set(lag.events as f64);
-                    metrics::gauge!("relay_lag_seconds").set(lag.seconds);
-                    self.update(|s| s.lag = Some(lag));
-                }
-                Err(error) => {
-                    tracing::warn!(error = %error_chain(&error), "could not measure the relay lag");
-                    self.update(|s| s.lag = None);
-                }
-            }
-            tokio::select! {
-                () = tokio::time::sleep(every) => {}
-                () = shutdown.requested() => return,
-            }
-        }
-    }
-}
-
-/// Events after the checkpoint of `relay`, and the age of the oldest.
-#[tracing::instrument(name = "sql_relay_lag", skip(pool))]
-pub async fn lag(pool: &PgPool, relay: &str) -> Result<Lag, sqlx::Error> {
-    let mut conn = pool.acquire().await?;
-    let checkpoint = load_checkpoint(&mut conn, relay).await?;
-    let (events, seconds): (i64, Option<f64>) = sqlx::query_as(
-        "SELECT count(*), EXTRACT(EPOCH FROM now() - min(recorded_at))::float8 FROM events \
-         WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2)",
-    )
-    .bind(checkpoint.transaction_id)
-    .bind(checkpoint.global_position)
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(Lag {
-        events,
-        seconds: seconds.unwrap_or(0.0).max(0.0),
-    })
 }
 
 pub struct Relay {
@@ -208,7 +155,8 @@ impl Relay {
                 () = shutdown.requested() => {}
             }
         }
-        // Let in-flight messages reach the broker before the process exits.
+        // Let queued messages reach the broker before the process exits; what
+        // does not is re-sent by the next leader from the checkpoint.
         let _ = self.producer.flush(Timeout::After(Duration::from_secs(5)));
         tracing::info!("relay stopped");
     }
@@ -237,7 +185,7 @@ impl Relay {
 
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(NOTIFY_CHANNEL).await?;
-        let mut checkpoint = load_checkpoint(&mut conn, &self.kafka.topic).await?;
+        let mut progress = Progress::new(log::load_checkpoint(&mut conn, &self.kafka.topic).await?);
         let mut topic_ready = false;
         let mut backoff = Duration::from_millis(200);
 
@@ -247,14 +195,14 @@ impl Relay {
                     self.ensure_topic().await?;
                     topic_ready = true;
                 }
-                self.step(&mut conn, &mut checkpoint).await
+                self.step(&mut conn, &mut progress).await
             };
             let outcome = tokio::select! {
                 o = outcome => o,
                 () = shutdown.requested() => return Ok(()),
             };
             match outcome {
-                Ok(Step::Published(_)) => backoff = Duration::from_millis(200),
+                Ok(Step::Queued(_) | Step::Published(_)) => backoff = Duration::from_millis(200),
                 Ok(Step::Idle) => {
                     tokio::select! {
                         // An error here is a dropped listener connection, which
@@ -265,6 +213,7 @@ impl Relay {
                 }
                 Err(RelayError::Database(error)) => return Err(error.into()),
                 Err(error) => {
+                    progress.rewind();
                     metrics::counter!("relay_publish_errors_total").increment(1);
                     tracing::error!(error = %error_chain(&error), retry_in_ms = backoff.as_millis() as u64, "relay could not publish; the checkpoint holds");
                     self.status
@@ -282,8 +231,8 @@ impl Relay {
     }
 
     /// An idempotent producer that hit a fatal error (e.g. a broken sequence)
-    /// refuses every later message; only a new producer can go on. The batch
-    /// is re-sent from the checkpoint, so nothing is skipped.
+    /// refuses every later message; only a new producer can go on. Everything
+    /// after the checkpoint is re-sent, so nothing is skipped.
     fn replace_producer_if_fatal(&mut self) {
         let Some((code, reason)) = self.producer.client().fatal_error() else {
             return;
@@ -297,47 +246,63 @@ impl Relay {
         }
     }
 
-    /// Publishes the next batch of finished events and advances the checkpoint.
-    #[tracing::instrument(name = "relay_step", skip_all, fields(from = checkpoint.global_position))]
-    pub async fn step(
+    /// One move of the pipeline: queue the next batch while there is room and
+    /// something to read, otherwise wait for the oldest batch's acknowledgements
+    /// and advance the checkpoint past it.
+    #[tracing::instrument(name = "relay_step", skip_all, fields(checkpoint = progress.checkpoint.global_position))]
+    async fn step(
         &self,
         conn: &mut PgConnection,
-        checkpoint: &mut Checkpoint,
+        progress: &mut Progress,
     ) -> Result<Step, RelayError> {
-        let started = Instant::now();
-        let batch = read_batch(conn, *checkpoint, self.settings.batch_size).await?;
-        let Some(last) = batch.last().map(|(xid, e)| Checkpoint {
-            transaction_id: *xid,
-            global_position: e.global_position,
-        }) else {
+        if progress.in_flight.len() < PIPELINE_DEPTH {
+            let batch = read_batch(conn, progress.cursor, self.settings.batch_size).await?;
+            if let Some((xid, newest)) = batch.last() {
+                let last = Checkpoint {
+                    transaction_id: *xid,
+                    global_position: newest.global_position,
+                };
+                let recorded_at = newest.recorded_at;
+                let deliveries = batch
+                    .iter()
+                    .map(|(_, recorded)| self.send(&IntegrationEvent::from_recorded(recorded)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                progress.in_flight.push_back(InFlight {
+                    last,
+                    count: batch.len(),
+                    recorded_at,
+                    queued_at: Instant::now(),
+                    acks: Box::pin(async move { try_join_all(deliveries).await.map(drop) }),
+                });
+                progress.cursor = last;
+                return Ok(Step::Queued(batch.len()));
+            }
+        }
+        let Some(oldest) = progress.in_flight.pop_front() else {
             return Ok(Step::Idle);
         };
-        let deliveries = batch
-            .iter()
-            .map(|(_, recorded)| self.send(&IntegrationEvent::from_recorded(recorded)))
-            .collect::<Result<Vec<_>, _>>()?;
-        // Every message must be acknowledged before the checkpoint may pass it.
-        try_join_all(deliveries).await?;
-        save_checkpoint(conn, &self.kafka.topic, last).await?;
-        *checkpoint = last;
+        // Every message up to `oldest.last` is acknowledged before the
+        // checkpoint may pass it.
+        oldest.acks.await?;
+        log::save_checkpoint(conn, &self.kafka.topic, oldest.last).await?;
+        progress.checkpoint = oldest.last;
 
-        let count = batch.len();
-        metrics::counter!("relay_events_published_total").increment(count as u64);
-        metrics::histogram!("relay_batch_duration_seconds").record(started.elapsed().as_secs_f64());
-        let at = batch.last().map(|(_, e)| e.recorded_at);
+        metrics::counter!("relay_events_published_total").increment(oldest.count as u64);
+        metrics::histogram!("relay_batch_duration_seconds")
+            .record(oldest.queued_at.elapsed().as_secs_f64());
         self.status.update(|s| {
-            s.checkpoint = last;
-            s.last_published_at = at;
+            s.checkpoint = oldest.last;
+            s.last_published_at = Some(oldest.recorded_at);
             s.last_error = None;
         });
-        Ok(Step::Published(count))
+        Ok(Step::Published(oldest.count))
     }
 
     /// Queues one message; the returned future resolves when Kafka acknowledged it.
     fn send(
         &self,
         event: &IntegrationEvent,
-    ) -> Result<impl std::future::Future<Output = Result<(), KafkaError>>, KafkaError> {
+    ) -> Result<impl Future<Output = Result<(), KafkaError>> + Send + 'static, KafkaError> {
         let headers = event.headers(&self.kafka.ce_source).iter().fold(
             OwnedHeaders::new(),
             |h, (key, value)| {
@@ -397,103 +362,13 @@ pub fn producer_config(kafka: &KafkaSettings) -> ClientConfig {
         // No duplicates or reordering from the producer's own retries.
         .set("enable.idempotence", "true")
         .set("acks", "all")
+        // Never give up on a message: a timed-out message leaves a gap that
+        // later messages of its partition pass, and re-sending it would put it
+        // after them. While Kafka is away the batch waits; the log buffers.
+        .set("message.timeout.ms", "0")
         .set("compression.type", "lz4")
         .set("linger.ms", "5")
         // Same key → same partition as Java clients compute it.
-        .set("partitioner", "murmur2_random")
-        .set(
-            "message.timeout.ms",
-            kafka.message_timeout.as_millis().to_string(),
-        );
+        .set("partitioner", "murmur2_random");
     config
-}
-
-#[tracing::instrument(name = "sql_load_checkpoint", skip(conn))]
-async fn load_checkpoint(conn: &mut PgConnection, relay: &str) -> Result<Checkpoint, sqlx::Error> {
-    let row: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT transaction_id::text::bigint, global_position FROM relay_checkpoints WHERE relay = $1",
-    )
-    .bind(relay)
-    .fetch_optional(conn)
-    .await?;
-    Ok(
-        row.map_or(Checkpoint::default(), |(xid, position)| Checkpoint {
-            transaction_id: xid,
-            global_position: position,
-        }),
-    )
-}
-
-#[tracing::instrument(name = "sql_save_checkpoint", skip(conn))]
-async fn save_checkpoint(
-    conn: &mut PgConnection,
-    relay: &str,
-    checkpoint: Checkpoint,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO relay_checkpoints (relay, transaction_id, global_position, updated_at) \
-         VALUES ($1, $2::bigint::text::xid8, $3, now()) \
-         ON CONFLICT (relay) DO UPDATE SET transaction_id = EXCLUDED.transaction_id, \
-           global_position = EXCLUDED.global_position, updated_at = now()",
-    )
-    .bind(relay)
-    .bind(checkpoint.transaction_id)
-    .bind(checkpoint.global_position)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-type Row = (
-    i64,
-    i64,
-    Uuid,
-    i32,
-    Uuid,
-    String,
-    i16,
-    serde_json::Value,
-    DateTime<Utc>,
-);
-
-/// The next events after `after`, from finished transactions only.
-#[tracing::instrument(name = "sql_read_batch", skip(conn))]
-pub async fn read_batch(
-    conn: &mut PgConnection,
-    after: Checkpoint,
-    limit: i64,
-) -> Result<Vec<(i64, RecordedEvent)>, RelayError> {
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT transaction_id::text::bigint, global_position, stream_id, stream_version, event_id, \
-                event_type, schema_version, payload, recorded_at \
-         FROM events \
-         WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2) \
-           AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-         ORDER BY transaction_id, global_position \
-         LIMIT $3",
-    )
-    .bind(after.transaction_id)
-    .bind(after.global_position)
-    .bind(limit)
-    .fetch_all(conn)
-    .await?;
-    rows.into_iter()
-        .map(
-            |(xid, position, stream_id, version, event_id, event_type, schema, payload, at)| {
-                let event = UserEvent::decode(&event_type, schema, payload)
-                    .map_err(|source| RelayError::Decode { position, source })?;
-                Ok((
-                    xid,
-                    RecordedEvent {
-                        global_position: position,
-                        stream_id,
-                        stream_version: version,
-                        event_id,
-                        recorded_at: at,
-                        event,
-                    },
-                ))
-            },
-        )
-        .collect()
 }
