@@ -25,6 +25,17 @@ pub struct Plan {
     pub seconds: u64,
     /// `BENCH_EVENTS`: backlog size for the relay, default 200,000.
     pub backlog: i64,
+    /// `BENCH_ONLY`: `registration`, `status` or `relay` to run one scenario.
+    pub only: Option<String>,
+}
+
+impl Plan {
+    fn runs(&self, scenario: &str) -> usize {
+        match &self.only {
+            Some(only) if only != scenario => 0,
+            _ => self.runs,
+        }
+    }
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -40,6 +51,7 @@ async fn main() -> anyhow::Result<()> {
         runs: env_or("BENCH_RUNS", 3),
         seconds: env_or("BENCH_SECONDS", 10),
         backlog: env_or("BENCH_EVENTS", 200_000),
+        only: std::env::var("BENCH_ONLY").ok(),
     };
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     println!(
@@ -48,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let mut registration = Vec::new();
-    for run in 1..=plan.runs {
+    for run in 1..=plan.runs("registration") {
         let r = writes::registration(&plan, run).await?;
         println!(
             "  registration run {run}: {:.1}/s vs argon2 limit {:.1}/s = {:.0}% (vs {:.1}/s measured with all cores hashing = {:.0}%), /healthz p99 {:.2} ms ({} probes)",
@@ -63,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
         registration.push(r);
     }
     let mut status = Vec::new();
-    for run in 1..=plan.runs {
+    for run in 1..=plan.runs("status") {
         let r = writes::status_changes(&plan, run).await?;
         println!(
             "  status run {run}: {:.0}/s vs pgbench {:.0}/s = {:.0}% ({} clients)",
@@ -75,7 +87,7 @@ async fn main() -> anyhow::Result<()> {
         status.push(r);
     }
     let mut drains = Vec::new();
-    for run in 1..=plan.runs {
+    for run in 1..=plan.runs("relay") {
         let r = relay::drain(&plan, run).await?;
         println!(
             "  relay run {run}: {:.0} events/s vs plain producer {:.0}/s = {:.0}% ({} events)",
@@ -87,58 +99,64 @@ async fn main() -> anyhow::Result<()> {
         drains.push(r);
     }
 
-    let reg_ratio = median(
-        &registration
-            .iter()
-            .map(|r| r.throughput / r.limit)
-            .collect::<Vec<_>>(),
-    );
-    let reg_parallel = median(
-        &registration
-            .iter()
-            .map(|r| r.throughput / r.parallel)
-            .collect::<Vec<_>>(),
-    );
-    let p99 = median(
-        &registration
-            .iter()
-            .map(|r| r.healthz_p99.as_secs_f64() * 1e3)
-            .collect::<Vec<_>>(),
-    );
-    let status_ratio = median(&status.iter().map(|r| r.api / r.pgbench).collect::<Vec<_>>());
-    let relay_rate = median(&drains.iter().map(|r| r.relay).collect::<Vec<_>>());
-    let relay_ratio = median(&drains.iter().map(|r| r.relay / r.plain).collect::<Vec<_>>());
     let verdict = |ok: bool| if ok { "meets goal" } else { "BELOW GOAL" };
     println!("\nmedians of {} runs:", plan.runs);
-    println!(
-        "  registration / argon2 limit        {:>6.1}%   goal >= 85%   {}",
-        100.0 * reg_ratio,
-        verdict(reg_ratio >= 0.85)
-    );
-    println!(
-        "  registration / all-cores hashing   {:>6.1}%   (context: what the cores sustain together)",
-        100.0 * reg_parallel
-    );
-    println!(
-        "  /healthz p99 during registration   {:>6.2} ms goal < 10 ms  {}",
-        p99,
-        verdict(p99 < 10.0)
-    );
-    println!(
-        "  deactivate+reactivate / pgbench    {:>6.1}%   goal >= 60%   {}",
-        100.0 * status_ratio,
-        verdict(status_ratio >= 0.60)
-    );
-    println!(
-        "  relay drain rate                   {:>6.0}/s  goal >= 20000 {}",
-        relay_rate,
-        verdict(relay_rate >= 20_000.0)
-    );
-    println!(
-        "  relay / plain librdkafka producer  {:>6.1}%   goal >= 50%   {}",
-        100.0 * relay_ratio,
-        verdict(relay_ratio >= 0.50)
-    );
+    if !registration.is_empty() {
+        let ratio = median(
+            &registration
+                .iter()
+                .map(|r| r.throughput / r.limit)
+                .collect::<Vec<_>>(),
+        );
+        let parallel = median(
+            &registration
+                .iter()
+                .map(|r| r.throughput / r.parallel)
+                .collect::<Vec<_>>(),
+        );
+        let p99 = median(
+            &registration
+                .iter()
+                .map(|r| r.healthz_p99.as_secs_f64() * 1e3)
+                .collect::<Vec<_>>(),
+        );
+        println!(
+            "  registration / argon2 limit        {:>6.1}%   goal >= 85%   {}",
+            100.0 * ratio,
+            verdict(ratio >= 0.85)
+        );
+        println!(
+            "  registration / all-cores hashing   {:>6.1}%   (context: what the cores sustain together)",
+            100.0 * parallel
+        );
+        println!(
+            "  /healthz p99 during registration   {:>6.2} ms goal < 10 ms  {}",
+            p99,
+            verdict(p99 < 10.0)
+        );
+    }
+    if !status.is_empty() {
+        let ratio = median(&status.iter().map(|r| r.api / r.pgbench).collect::<Vec<_>>());
+        println!(
+            "  deactivate+reactivate / pgbench    {:>6.1}%   goal >= 60%   {}",
+            100.0 * ratio,
+            verdict(ratio >= 0.60)
+        );
+    }
+    if !drains.is_empty() {
+        let rate = median(&drains.iter().map(|r| r.relay).collect::<Vec<_>>());
+        let ratio = median(&drains.iter().map(|r| r.relay / r.plain).collect::<Vec<_>>());
+        println!(
+            "  relay drain rate                   {:>6.0}/s  goal >= 20000 {}",
+            rate,
+            verdict(rate >= 20_000.0)
+        );
+        println!(
+            "  relay / plain librdkafka producer  {:>6.1}%   goal >= 50%   {}",
+            100.0 * ratio,
+            verdict(ratio >= 0.50)
+        );
+    }
     Ok(())
 }
 

@@ -1,12 +1,15 @@
-//! argon2id hashing off the async runtime's worker threads, with bounded concurrency.
+//! argon2id hashing on a small pool of dedicated threads, never on the async
+//! runtime's workers.
 //!
-//! A hash costs tens of milliseconds of one core. Computing it on a runtime
-//! worker would stall every other request on that worker, so it runs on the
-//! blocking pool; a semaphore caps how many run at once (default: one per core)
-//! so a burst of registrations queues instead of oversubscribing the CPU.
+//! A hash costs about 15 ms of one core and 19 MiB of memory. On a runtime
+//! worker it would stall every other request on that worker, so requests queue
+//! their passwords to one hashing thread per core (`HASH_CONCURRENCY`): a burst
+//! of registrations waits in the queue instead of oversubscribing the CPU.
+//! Fixed threads also keep one work area each, reused hash after hash (see
+//! [`WORK_AREA`]); a job whose request went away is skipped.
 
 use std::cell::RefCell;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use argon2::password_hash::{
     rand_core::OsRng, Output, ParamsString, PasswordVerifier as _, SaltString,
@@ -14,66 +17,120 @@ use argon2::password_hash::{
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 use events::PasswordHash;
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, oneshot};
 
 /// OWASP's recommended argon2id parameters: m = 19 MiB, t = 2, p = 1.
 pub const MEMORY_KIB: u32 = 19 * 1024;
 pub const ITERATIONS: u32 = 2;
 pub const PARALLELISM: u32 = 1;
 
+/// Jobs that may wait for a hashing thread before `hash` waits to queue.
+const QUEUE: usize = 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum HashError {
     #[error("argon2 failed")]
     Argon2(#[source] argon2::password_hash::Error),
-    #[error("the hashing task did not finish")]
-    Task(#[from] tokio::task::JoinError),
-    #[error("the hasher is shut down")]
-    Closed(#[from] tokio::sync::AcquireError),
+    #[error("the hashing threads are gone")]
+    Stopped,
 }
 
+enum Work {
+    Hash(SecretString),
+    Verify(SecretString, PasswordHash),
+}
+
+enum Done {
+    Hashed(PasswordHash),
+    Verified(bool),
+}
+
+struct Job {
+    work: Work,
+    reply: oneshot::Sender<Result<Done, HashError>>,
+}
+
+/// A handle on the hashing threads; cheap to clone. The threads end when the
+/// last handle is dropped.
 #[derive(Clone)]
 pub struct Hasher {
-    permits: Arc<Semaphore>,
+    jobs: mpsc::Sender<Job>,
 }
 
 impl Hasher {
-    pub fn new(concurrency: usize) -> Self {
-        Self {
-            permits: Arc::new(Semaphore::new(concurrency)),
+    /// Starts `threads` hashing threads.
+    pub fn new(threads: usize) -> Self {
+        let (jobs, queue) = mpsc::channel::<Job>(QUEUE);
+        let queue = Arc::new(Mutex::new(queue));
+        for i in 0..threads.max(1) {
+            let queue = Arc::clone(&queue);
+            let spawned = std::thread::Builder::new()
+                .name(format!("argon2-{i}"))
+                .spawn(move || work(&queue));
+            if let Err(error) = spawned {
+                tracing::error!(%error, "could not start a hashing thread");
+            }
         }
+        Self { jobs }
+    }
+
+    async fn run(&self, work: Work) -> Result<Done, HashError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job { work, reply })
+            .await
+            .map_err(|_| HashError::Stopped)?;
+        answer.await.map_err(|_| HashError::Stopped)?
     }
 
     /// Hashes `password` with a fresh random salt into a PHC string.
     #[tracing::instrument(name = "argon2_hash", skip_all)]
     pub async fn hash(&self, password: SecretString) -> Result<PasswordHash, HashError> {
-        let permit = self.permits.clone().acquire_owned().await?;
-        tokio::task::spawn_blocking(move || {
-            // Held until the hash is done, even if the request is dropped meanwhile.
-            let _permit = permit;
-            hash_blocking(password.expose_secret())
-        })
-        .await?
+        match self.run(Work::Hash(password)).await? {
+            Done::Hashed(hash) => Ok(hash),
+            Done::Verified(_) => Err(HashError::Stopped),
+        }
     }
-}
 
-impl Hasher {
-    /// Checks `password` against a stored PHC string, on the blocking pool.
+    /// Checks `password` against a stored PHC string.
     #[tracing::instrument(name = "argon2_verify", skip_all)]
     pub async fn verify(
         &self,
         password: SecretString,
         hash: PasswordHash,
     ) -> Result<bool, HashError> {
-        let permit = self.permits.clone().acquire_owned().await?;
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let parsed = argon2::PasswordHash::new(hash.expose()).map_err(HashError::Argon2)?;
-            Ok(Argon2::default()
-                .verify_password(password.expose_secret().as_bytes(), &parsed)
-                .is_ok())
-        })
-        .await?
+        match self.run(Work::Verify(password, hash)).await? {
+            Done::Verified(same) => Ok(same),
+            Done::Hashed(_) => Err(HashError::Stopped),
+        }
     }
+}
+
+/// One hashing thread: takes jobs until every [`Hasher`] is dropped.
+fn work(queue: &Mutex<mpsc::Receiver<Job>>) {
+    loop {
+        // Only the waiting thread holds the lock; it is released before hashing.
+        let job = match queue.lock() {
+            Ok(mut queue) => queue.blocking_recv(),
+            Err(_) => return,
+        };
+        let Some(job) = job else { return };
+        if job.reply.is_closed() {
+            continue; // The request went away while queued: save the CPU.
+        }
+        let done = match job.work {
+            Work::Hash(password) => hash_blocking(password.expose_secret()).map(Done::Hashed),
+            Work::Verify(password, hash) => verify_blocking(&password, &hash).map(Done::Verified),
+        };
+        let _ = job.reply.send(done);
+    }
+}
+
+fn verify_blocking(password: &SecretString, hash: &PasswordHash) -> Result<bool, HashError> {
+    let parsed = argon2::PasswordHash::new(hash.expose()).map_err(HashError::Argon2)?;
+    Ok(Argon2::default()
+        .verify_password(password.expose_secret().as_bytes(), &parsed)
+        .is_ok())
 }
 
 thread_local! {

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::integration::{IntegrationEvent, PublicChange};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum UserStatus {
     Active,
@@ -36,12 +36,15 @@ impl UserStatus {
 }
 
 /// What the query API serves for one user.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UserView {
     pub id: Uuid,
+    /// Normalised (trimmed, lower-case).
     pub username: String,
+    /// Normalised (trimmed, lower-case).
     pub email: String,
     pub status: UserStatus,
+    /// The user's stream version this view reflects; also the `ETag`.
     pub version: i32,
     pub registered_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

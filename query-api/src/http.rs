@@ -8,7 +8,8 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use platform::http::error_response;
+use events::{UserStatus, UserView};
+use platform::http::{error_response, ErrorBody, ErrorDetail};
 use platform::telemetry::error_chain;
 use read_model::{ViewCache, ViewRows};
 use uuid::Uuid;
@@ -22,9 +23,10 @@ pub struct AppState {
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let routes = Router::new()
         .route("/users/{id}", get(get_user))
-        .route("/healthz", get(platform::http::healthz))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(platform::http::metrics))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
         .with_state(state);
     platform::http::layers(routes, request_timeout)
 }
@@ -58,6 +60,18 @@ impl IntoResponse for ApiError {
 
 /// `GET /users/{id}`: the Redis view, or the PostgreSQL row on a miss (which
 /// then fills the cache). A Redis failure is a miss, never an error.
+#[utoipa::path(get, path = "/users/{id}", tag = "users",
+    params(
+        ("id" = String, Path, description = "The user id (a UUID)"),
+        ("If-None-Match" = Option<String>, Header, description = "`\"<version>\"`: 304 when the view is still at that version"),
+    ),
+    responses(
+        (status = 200, description = "The user's view", body = UserView, headers(("ETag" = String, description = "The quoted version"))),
+        (status = 304, description = "Not modified since the version in If-None-Match"),
+        (status = 400, description = "The id is not a UUID (`invalid_id`)", body = ErrorBody),
+        (status = 404, description = "No such user, or not projected yet (`user_not_found`)", body = ErrorBody),
+        (status = 503, description = "PostgreSQL unavailable or the request timed out (`unavailable`, `timeout`)", body = ErrorBody),
+    ))]
 #[tracing::instrument(name = "get_user", skip_all, fields(user_id = %id))]
 async fn get_user(
     State(state): State<AppState>,
@@ -122,8 +136,47 @@ fn respond(headers: &HeaderMap, version: i32, body: String) -> Response {
         .into_response()
 }
 
+/// The query API as served, generated from the handlers' annotations.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "userstream query API",
+        description = "Read side of userstream: the users' views, eventually consistent with the command API. \
+Every error answers `{\"error\":{\"code\",\"message\"}}`.",
+    ),
+    paths(get_user, healthz, readyz, metrics, openapi),
+    components(schemas(UserView, UserStatus, ErrorBody, ErrorDetail))
+)]
+struct ApiDoc;
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 description of this API", content_type = "application/json")))]
+async fn openapi() -> impl IntoResponse {
+    axum::Json(<ApiDoc as utoipa::OpenApi>::openapi())
+}
+
+/// Alive and serving.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process is alive", body = serde_json::Value)))]
+async fn healthz() -> impl IntoResponse {
+    platform::http::healthz().await
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
+async fn metrics() -> impl IntoResponse {
+    platform::http::metrics().await
+}
+
 /// Ready when PostgreSQL answers; Redis is reported, but answers still come
 /// without it.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "PostgreSQL reachable; Redis reported (degraded is still ready)", body = serde_json::Value),
+        (status = 503, description = "PostgreSQL unreachable", body = serde_json::Value),
+    ))]
 #[tracing::instrument(name = "readyz", skip_all)]
 async fn readyz(State(state): State<AppState>) -> Response {
     let postgres = tokio::time::timeout(

@@ -405,3 +405,24 @@ type DateTime = chrono::DateTime<chrono::Utc>;
 fn chrono_rfc3339(text: &str) -> bool {
     chrono::DateTime::parse_from_rfc3339(text).is_ok()
 }
+
+/// How `body` departs from the JSON schema that a documented OpenAPI response
+/// (`spec.paths[p][method].responses[status]`) declares; empty when it conforms.
+pub fn schema_errors(
+    spec: &serde_json::Value,
+    documented: &serde_json::Value,
+    body: &serde_json::Value,
+) -> Vec<String> {
+    let schema = &documented["content"]["application/json"]["schema"];
+    assert!(
+        !schema.is_null(),
+        "a documented response has no JSON body schema"
+    );
+    let root = serde_json::json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "components": spec["components"],
+        "allOf": [schema],
+    });
+    let validator = jsonschema::validator_for(&root).expect("documented schema compiles");
+    validator.iter_errors(body).map(|e| e.to_string()).collect()
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use reqwest::header::HeaderMap;
 use serde_json::{json, Value};
-use userstream_tests::{eventually, Running, Service, TestEnv, TEST_ADMIN_TOKEN};
+use userstream_tests::{eventually, schema_errors, Running, Service, TestEnv, TEST_ADMIN_TOKEN};
 use uuid::Uuid;
 
 const PASSWORD: &str = "correct horse battery staple";
@@ -153,22 +153,6 @@ impl Api {
         .await
         .unwrap()
     }
-}
-
-/// How `body` departs from the JSON schema a documented response declares.
-fn schema_errors(spec: &Value, documented: &Value, body: &Value) -> Vec<String> {
-    let schema = &documented["content"]["application/json"]["schema"];
-    assert!(
-        !schema.is_null(),
-        "a documented response has no JSON body schema"
-    );
-    let root = json!({
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "components": spec["components"],
-        "allOf": [schema],
-    });
-    let validator = jsonschema::validator_for(&root).expect("documented schema compiles");
-    validator.iter_errors(body).map(|e| e.to_string()).collect()
 }
 
 #[tokio::test]

@@ -344,3 +344,36 @@ async fn the_projector_applies_each_event_once_and_reports_gaps() {
     let cached = model.cache.get(id).await.unwrap().unwrap();
     assert_eq!(cached.version, 2);
 }
+
+#[tokio::test]
+async fn the_relay_reads_a_backlog_in_index_order_without_sorting_it() {
+    let env = TestEnv::new().await;
+    // Enough rows that a sequential scan and sort would look cheap to a planner
+    // that could not use the index for this ORDER BY.
+    sqlx::query(
+        "INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload) \
+         SELECT gen_random_uuid(), 1, gen_random_uuid(), 'UserDeactivated', 1, '{\"reason\": null}' \
+         FROM generate_series(1, 20000)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE events")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let plan: Vec<String> =
+        sqlx::query_scalar(&format!("EXPLAIN {}", command_api::relay::log::READ_BATCH))
+            .bind(0_i64)
+            .bind(0_i64)
+            .bind(5000_i64)
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    let plan = plan.join("\n");
+    assert!(plan.contains("events_transaction_order_idx"), "{plan}");
+    assert!(
+        !plan.contains("Sort"),
+        "the backlog must not be sorted:\n{plan}"
+    );
+}

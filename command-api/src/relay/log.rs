@@ -25,6 +25,17 @@ pub struct Lag {
     pub seconds: f64,
 }
 
+/// The relay's read. ORDER BY names the table's columns: a bare
+/// `transaction_id` would mean the bigint output column and make PostgreSQL
+/// sort the whole backlog instead of walking `events_transaction_order_idx`.
+pub const READ_BATCH: &str = "SELECT transaction_id::text::bigint AS xid, global_position, \
+        stream_id, stream_version, event_id, event_type, schema_version, payload, recorded_at \
+     FROM events \
+     WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2) \
+       AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+     ORDER BY events.transaction_id, events.global_position \
+     LIMIT $3";
+
 type Row = (
     i64,
     i64,
@@ -46,20 +57,12 @@ pub async fn read_batch(
     after: Checkpoint,
     limit: i64,
 ) -> Result<Vec<(i64, RecordedEvent)>, RelayError> {
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT transaction_id::text::bigint, global_position, stream_id, stream_version, event_id, \
-                event_type, schema_version, payload, recorded_at \
-         FROM events \
-         WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2) \
-           AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-         ORDER BY transaction_id, global_position \
-         LIMIT $3",
-    )
-    .bind(after.transaction_id)
-    .bind(after.global_position)
-    .bind(limit)
-    .fetch_all(conn)
-    .await?;
+    let rows: Vec<Row> = sqlx::query_as(READ_BATCH)
+        .bind(after.transaction_id)
+        .bind(after.global_position)
+        .bind(limit)
+        .fetch_all(conn)
+        .await?;
     rows.into_iter()
         .map(
             |(xid, position, stream_id, version, event_id, event_type, schema, payload, at)| {
