@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
 use crate::config::Settings;
@@ -33,16 +32,13 @@ const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// A connection pool for `settings`, failing fast when PostgreSQL is unreachable.
 pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
-    let options: PgConnectOptions = settings
-        .database_url()
-        .parse()
-        .context("DATABASE_URL is not a valid PostgreSQL URL")?;
-    PgPoolOptions::new()
-        .max_connections(settings.database_max_connections)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_with(options.application_name("command-api"))
-        .await
-        .context("cannot connect to PostgreSQL")
+    platform::db::connect(
+        settings.database_url(),
+        settings.database_max_connections,
+        Duration::from_secs(5),
+        "command-api",
+    )
+    .await
 }
 
 /// Applies pending migrations (concurrent callers serialise on sqlx's lock).

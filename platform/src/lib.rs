@@ -1,6 +1,7 @@
 //! Plumbing shared by command-api, query-api and projector, so none of them copies it.
 
 pub mod config;
+pub mod db;
 pub mod http;
 pub mod shutdown;
 pub mod telemetry;

@@ -4,11 +4,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use platform::config::{parse, string, InvalidSetting};
+use read_model::CacheSettings;
 use secrecy::{ExposeSecret, SecretString};
 
-/// Local development defaults; production sets the variables.
+/// Local development default; production sets DATABASE_URL.
 pub const DEV_DATABASE_URL: &str = "postgres://userstream:userstream@127.0.0.1:5432/userstream";
-pub const DEV_REDIS_URL: &str = "redis://127.0.0.1:6379";
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -18,14 +18,8 @@ pub struct Settings {
     pub database_url: SecretString,
     /// `DATABASE_MAX_CONNECTIONS`, default 10.
     pub database_max_connections: u32,
-    /// `REDIS_URL`.
-    pub redis_url: SecretString,
-    /// `REDIS_KEY_PREFIX`, default `userstream:`.
-    pub redis_key_prefix: String,
-    /// `REDIS_TIMEOUT_MS`: deadline of one Redis call, default 200.
-    pub redis_timeout: Duration,
-    /// `REDIS_VIEW_TTL_SECS`: how long a cached view lives, default one day.
-    pub redis_view_ttl: Duration,
+    /// `REDIS_*`; `REDIS_TIMEOUT_MS` defaults to 200.
+    pub cache: CacheSettings,
     /// `KAFKA_BROKERS`, default `127.0.0.1:9092`.
     pub kafka_brokers: String,
     /// `KAFKA_TOPIC`, default `users.events.v1`.
@@ -40,10 +34,7 @@ impl Settings {
             bind_addr: parse("BIND_ADDR", SocketAddr::from(([127, 0, 0, 1], 3003)))?,
             database_url: string("DATABASE_URL", DEV_DATABASE_URL).into(),
             database_max_connections: parse("DATABASE_MAX_CONNECTIONS", 10)?,
-            redis_url: string("REDIS_URL", DEV_REDIS_URL).into(),
-            redis_key_prefix: string("REDIS_KEY_PREFIX", "userstream:"),
-            redis_timeout: Duration::from_millis(parse("REDIS_TIMEOUT_MS", 200)?),
-            redis_view_ttl: Duration::from_secs(parse("REDIS_VIEW_TTL_SECS", 86_400)?),
+            cache: CacheSettings::from_env(Duration::from_millis(200))?,
             kafka_brokers: string("KAFKA_BROKERS", "127.0.0.1:9092"),
             kafka_topic: string("KAFKA_TOPIC", "users.events.v1"),
             kafka_group_id: string("KAFKA_GROUP_ID", "userstream-projector"),
@@ -52,9 +43,5 @@ impl Settings {
 
     pub fn database_url(&self) -> &str {
         self.database_url.expose_secret()
-    }
-
-    pub fn redis_url(&self) -> &str {
-        self.redis_url.expose_secret()
     }
 }

@@ -11,7 +11,6 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use read_model::{ViewCache, ViewRows};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::apply::ReadModel;
 use crate::config::Settings;
@@ -25,23 +24,14 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let options: PgConnectOptions = settings
-            .database_url()
-            .parse()
-            .context("DATABASE_URL is not a valid PostgreSQL URL")?;
-        let pool = PgPoolOptions::new()
-            .max_connections(settings.database_max_connections)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options.application_name("projector"))
-            .await
-            .context("cannot connect to PostgreSQL")?;
-        let cache = ViewCache::new(
-            settings.redis_url(),
-            settings.redis_key_prefix.clone(),
-            settings.redis_view_ttl,
-            settings.redis_timeout,
+        let pool = platform::db::connect(
+            settings.database_url(),
+            settings.database_max_connections,
+            Duration::from_secs(5),
+            "projector",
         )
-        .context("REDIS_URL is invalid")?;
+        .await?;
+        let cache = ViewCache::from_settings(&settings.cache).context("REDIS_URL is invalid")?;
         let model = ReadModel {
             rows: ViewRows::new(pool),
             cache,

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use read_model::{ViewCache, ViewRows};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::config::Settings;
 use crate::http::{self, AppState};
@@ -17,23 +16,14 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let options: PgConnectOptions = settings
-            .database_url()
-            .parse()
-            .context("DATABASE_URL is not a valid PostgreSQL URL")?;
-        let pool = PgPoolOptions::new()
-            .max_connections(settings.database_max_connections)
-            .acquire_timeout(Duration::from_secs(2))
-            .connect_with(options.application_name("query-api"))
-            .await
-            .context("cannot connect to PostgreSQL")?;
-        let cache = ViewCache::new(
-            settings.redis_url(),
-            settings.redis_key_prefix.clone(),
-            settings.redis_view_ttl,
-            settings.redis_timeout,
+        let pool = platform::db::connect(
+            settings.database_url(),
+            settings.database_max_connections,
+            Duration::from_secs(2),
+            "query-api",
         )
-        .context("REDIS_URL is invalid")?;
+        .await?;
+        let cache = ViewCache::from_settings(&settings.cache).context("REDIS_URL is invalid")?;
         let state = AppState {
             rows: ViewRows::new(pool),
             cache,

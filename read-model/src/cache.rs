@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use events::UserView;
+use platform::config::{self, InvalidSetting};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use secrecy::{ExposeSecret, SecretString};
 use uuid::Uuid;
 
 /// Sets the view unless Redis already holds the same or a newer version.
@@ -42,6 +44,36 @@ pub enum CacheError {
 pub struct CachedView {
     pub version: i32,
     pub body: String,
+}
+
+/// Where the views are cached and how patiently; shared by the projector
+/// and the query API so both read the same variables.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    /// `REDIS_URL`, default `redis://127.0.0.1:6379` (local development).
+    pub url: SecretString,
+    /// `REDIS_KEY_PREFIX`, default `userstream:`; must match across services.
+    pub key_prefix: String,
+    /// `REDIS_TIMEOUT_MS`: deadline of one Redis call.
+    pub timeout: Duration,
+    /// `REDIS_VIEW_TTL_SECS`: how long a cached view lives, default one day.
+    pub view_ttl: Duration,
+}
+
+impl CacheSettings {
+    /// Reads the variables; `default_timeout` differs by caller (a reader
+    /// falls back to PostgreSQL sooner than the projector gives up a write).
+    pub fn from_env(default_timeout: Duration) -> Result<Self, InvalidSetting> {
+        Ok(Self {
+            url: config::string("REDIS_URL", "redis://127.0.0.1:6379").into(),
+            key_prefix: config::string("REDIS_KEY_PREFIX", "userstream:"),
+            timeout: Duration::from_millis(config::parse(
+                "REDIS_TIMEOUT_MS",
+                default_timeout.as_millis() as u64,
+            )?),
+            view_ttl: Duration::from_secs(config::parse("REDIS_VIEW_TTL_SECS", 86_400)?),
+        })
+    }
 }
 
 #[derive(Clone)]
@@ -82,6 +114,16 @@ impl ViewCache {
                 connection: Mutex::new(Connection::default()),
             }),
         })
+    }
+
+    /// The cache `settings` describe (not connected yet).
+    pub fn from_settings(settings: &CacheSettings) -> Result<Self, CacheError> {
+        Self::new(
+            settings.url.expose_secret(),
+            settings.key_prefix.clone(),
+            settings.view_ttl,
+            settings.timeout,
+        )
     }
 
     pub fn key(&self, id: Uuid) -> String {

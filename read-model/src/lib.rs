@@ -7,5 +7,5 @@
 pub mod cache;
 pub mod rows;
 
-pub use cache::{CacheError, ViewCache};
+pub use cache::{CacheError, CacheSettings, ViewCache};
 pub use rows::ViewRows;

@@ -234,16 +234,7 @@ pub(crate) async fn deactivate(
     headers: HeaderMap,
     OptionalJsonBody(body): OptionalJsonBody<StatusRequest>,
 ) -> Result<Response, ApiError> {
-    let reason = parse_reason(body)?;
-    let fingerprint = idempotency::fingerprint(&[
-        "POST /users/{id}/deactivate",
-        &id,
-        reason.as_deref().unwrap_or(""),
-    ]);
-    change_status(&state, &id, &headers, fingerprint, || Command::Deactivate {
-        reason: reason.clone(),
-    })
-    .await
+    status_command(&state, &id, &headers, body, Toggle::Deactivate).await
 }
 
 /// Reactivates a user: appends UserReactivated. Requires the admin token.
@@ -278,14 +269,44 @@ pub(crate) async fn reactivate(
     headers: HeaderMap,
     OptionalJsonBody(body): OptionalJsonBody<StatusRequest>,
 ) -> Result<Response, ApiError> {
+    status_command(&state, &id, &headers, body, Toggle::Reactivate).await
+}
+
+/// The two status commands, which differ only in the command they send.
+#[derive(Clone, Copy)]
+enum Toggle {
+    Deactivate,
+    Reactivate,
+}
+
+impl Toggle {
+    fn route(self) -> &'static str {
+        match self {
+            Self::Deactivate => "POST /users/{id}/deactivate",
+            Self::Reactivate => "POST /users/{id}/reactivate",
+        }
+    }
+
+    fn command(self, reason: Option<String>) -> Command {
+        match self {
+            Self::Deactivate => Command::Deactivate { reason },
+            Self::Reactivate => Command::Reactivate { reason },
+        }
+    }
+}
+
+async fn status_command(
+    state: &AppState,
+    id: &str,
+    headers: &HeaderMap,
+    body: Option<StatusRequest>,
+    toggle: Toggle,
+) -> Result<Response, ApiError> {
     let reason = parse_reason(body)?;
-    let fingerprint = idempotency::fingerprint(&[
-        "POST /users/{id}/reactivate",
-        &id,
-        reason.as_deref().unwrap_or(""),
-    ]);
-    change_status(&state, &id, &headers, fingerprint, || Command::Reactivate {
-        reason: reason.clone(),
+    let fingerprint =
+        idempotency::fingerprint(&[toggle.route(), id, reason.as_deref().unwrap_or("")]);
+    change_status(state, id, headers, fingerprint, || {
+        toggle.command(reason.clone())
     })
     .await
 }
