@@ -4,19 +4,15 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use platform::config::{parse, string, InvalidSetting};
-use secrecy::{ExposeSecret, SecretString};
-
-/// Local development default; production sets DATABASE_URL.
-pub const DEV_DATABASE_URL: &str = "postgres://userstream:userstream@127.0.0.1:5432/userstream";
+use platform::db::DatabaseSettings;
+use secrecy::SecretString;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// `BIND_ADDR`, default `127.0.0.1:3001`.
     pub bind_addr: SocketAddr,
-    /// `DATABASE_URL`.
-    pub database_url: SecretString,
-    /// `DATABASE_MAX_CONNECTIONS`, default 20.
-    pub database_max_connections: u32,
+    /// `DATABASE_URL`, `DATABASE_MAX_CONNECTIONS` (default 20).
+    pub database: DatabaseSettings,
     /// `ADMIN_TOKEN`: required, at least 16 characters; there is no built-in one.
     pub admin_token: SecretString,
     /// `HASH_CONCURRENCY`: argon2 hashes computed at once, default the number of cores.
@@ -71,8 +67,7 @@ impl Settings {
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
         Ok(Self {
             bind_addr: parse("BIND_ADDR", SocketAddr::from(([127, 0, 0, 1], 3001)))?,
-            database_url: string("DATABASE_URL", DEV_DATABASE_URL).into(),
-            database_max_connections: parse("DATABASE_MAX_CONNECTIONS", 20)?,
+            database: DatabaseSettings::from_env(20)?,
             admin_token: admin_token.into(),
             hash_concurrency: parse("HASH_CONCURRENCY", cores)?.max(1),
             request_timeout: Duration::from_millis(parse("REQUEST_TIMEOUT_MS", 10_000)?),
@@ -91,9 +86,5 @@ impl Settings {
                 leader_retry: Duration::from_millis(parse("RELAY_LEADER_RETRY_MS", 1000)?),
             },
         })
-    }
-
-    pub fn database_url(&self) -> &str {
-        self.database_url.expose_secret()
     }
 }

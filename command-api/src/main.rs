@@ -4,15 +4,7 @@ use command_api::startup::{self, Application};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    platform::telemetry::init();
-    let result = run().await;
-    if let Err(error) = &result {
-        tracing::error!(
-            error = format!("{error:#}"),
-            "command-api stopped with an error"
-        );
-    }
-    result
+    platform::telemetry::run_service("command-api", run()).await
 }
 
 async fn run() -> anyhow::Result<()> {

@@ -32,13 +32,10 @@ const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// A connection pool for `settings`, failing fast when PostgreSQL is unreachable.
 pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
-    platform::db::connect(
-        settings.database_url(),
-        settings.database_max_connections,
-        Duration::from_secs(5),
-        "command-api",
-    )
-    .await
+    settings
+        .database
+        .connect(Duration::from_secs(5), "command-api")
+        .await
 }
 
 /// Applies pending migrations (concurrent callers serialise on sqlx's lock).

@@ -1,27 +1,66 @@
-//! The PostgreSQL pool every service opens the same way.
+//! The PostgreSQL settings, pool and readiness check every service shares.
 
 use std::time::Duration;
 
 use anyhow::Context;
+use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-/// A pool for `url`, named `application_name` in `pg_stat_activity`. Fails
-/// fast when PostgreSQL is unreachable at start-up; later, waiting for a
-/// connection gives up after `acquire_timeout` (a 503 for the APIs).
-pub async fn connect(
-    url: &str,
-    max_connections: u32,
-    acquire_timeout: Duration,
-    application_name: &str,
-) -> anyhow::Result<PgPool> {
-    let options: PgConnectOptions = url
-        .parse()
-        .context("DATABASE_URL is not a valid PostgreSQL URL")?;
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(acquire_timeout)
-        .connect_with(options.application_name(application_name))
-        .await
-        .context("cannot connect to PostgreSQL")
+use crate::config::{parse, string, InvalidSetting};
+
+/// Local development default; production sets DATABASE_URL.
+pub const DEV_DATABASE_URL: &str = "postgres://userstream:userstream@127.0.0.1:5432/userstream";
+
+#[derive(Debug, Clone)]
+pub struct DatabaseSettings {
+    /// `DATABASE_URL`; it holds a password, so it never prints.
+    pub url: SecretString,
+    /// `DATABASE_MAX_CONNECTIONS`.
+    pub max_connections: u32,
+}
+
+impl DatabaseSettings {
+    /// Reads the variables; the pool size default differs by service.
+    pub fn from_env(default_max_connections: u32) -> Result<Self, InvalidSetting> {
+        Ok(Self {
+            url: string("DATABASE_URL", DEV_DATABASE_URL).into(),
+            max_connections: parse("DATABASE_MAX_CONNECTIONS", default_max_connections)?,
+        })
+    }
+
+    /// A pool named `application_name` in `pg_stat_activity`. Fails fast when
+    /// PostgreSQL is unreachable at start-up; later, waiting for a connection
+    /// gives up after `acquire_timeout` (a 503 for the APIs).
+    pub async fn connect(
+        &self,
+        acquire_timeout: Duration,
+        application_name: &str,
+    ) -> anyhow::Result<PgPool> {
+        let options: PgConnectOptions = self
+            .url
+            .expose_secret()
+            .parse()
+            .context("DATABASE_URL is not a valid PostgreSQL URL")?;
+        PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .acquire_timeout(acquire_timeout)
+            .connect_with(options.application_name(application_name))
+            .await
+            .context("cannot connect to PostgreSQL")
+    }
+}
+
+/// The `/readyz` check of PostgreSQL: a `SELECT 1` within two seconds.
+pub async fn ping(pool: &PgPool) -> Result<serde_json::Value, String> {
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        sqlx::query("SELECT 1").execute(pool),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(serde_json::json!("reachable")),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err("timed out".to_owned()),
+    }
 }

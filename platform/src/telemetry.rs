@@ -24,6 +24,24 @@ pub fn init() {
     metrics_handle();
 }
 
+/// A service's `main`: sets up telemetry, runs `service`, and logs a fatal
+/// error once, with its cause chain, before returning it.
+pub async fn run_service(
+    name: &str,
+    service: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    init();
+    let result = service.await;
+    if let Err(error) = &result {
+        tracing::error!(
+            error = format!("{error:#}"),
+            service = name,
+            "stopped with an error"
+        );
+    }
+    result
+}
+
 /// The process-wide Prometheus recorder; installed on first use.
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

@@ -4,20 +4,15 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use platform::config::{parse, string, InvalidSetting};
+use platform::db::DatabaseSettings;
 use read_model::CacheSettings;
-use secrecy::{ExposeSecret, SecretString};
-
-/// Local development default; production sets DATABASE_URL.
-pub const DEV_DATABASE_URL: &str = "postgres://userstream:userstream@127.0.0.1:5432/userstream";
 
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// `BIND_ADDR` for /healthz, /readyz and /metrics, default `127.0.0.1:3003`.
     pub bind_addr: SocketAddr,
-    /// `DATABASE_URL`.
-    pub database_url: SecretString,
-    /// `DATABASE_MAX_CONNECTIONS`, default 10.
-    pub database_max_connections: u32,
+    /// `DATABASE_URL`, `DATABASE_MAX_CONNECTIONS` (default 10).
+    pub database: DatabaseSettings,
     /// `REDIS_*`; `REDIS_TIMEOUT_MS` defaults to 200.
     pub cache: CacheSettings,
     /// `KAFKA_BROKERS`, default `127.0.0.1:9092`.
@@ -32,16 +27,11 @@ impl Settings {
     pub fn from_env() -> Result<Self, InvalidSetting> {
         Ok(Self {
             bind_addr: parse("BIND_ADDR", SocketAddr::from(([127, 0, 0, 1], 3003)))?,
-            database_url: string("DATABASE_URL", DEV_DATABASE_URL).into(),
-            database_max_connections: parse("DATABASE_MAX_CONNECTIONS", 10)?,
+            database: DatabaseSettings::from_env(10)?,
             cache: CacheSettings::from_env(Duration::from_millis(200))?,
             kafka_brokers: string("KAFKA_BROKERS", "127.0.0.1:9092"),
             kafka_topic: string("KAFKA_TOPIC", "users.events.v1"),
             kafka_group_id: string("KAFKA_GROUP_ID", "userstream-projector"),
         })
-    }
-
-    pub fn database_url(&self) -> &str {
-        self.database_url.expose_secret()
     }
 }

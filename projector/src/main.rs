@@ -4,15 +4,7 @@ use projector::startup::Application;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    platform::telemetry::init();
-    let result = run().await;
-    if let Err(error) = &result {
-        tracing::error!(
-            error = format!("{error:#}"),
-            "projector stopped with an error"
-        );
-    }
-    result
+    platform::telemetry::run_service("projector", run()).await
 }
 
 async fn run() -> anyhow::Result<()> {

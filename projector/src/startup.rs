@@ -24,13 +24,10 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let pool = platform::db::connect(
-            settings.database_url(),
-            settings.database_max_connections,
-            Duration::from_secs(5),
-            "projector",
-        )
-        .await?;
+        let pool = settings
+            .database
+            .connect(Duration::from_secs(5), "projector")
+            .await?;
         let cache = ViewCache::from_settings(&settings.cache).context("REDIS_URL is invalid")?;
         let model = ReadModel {
             rows: ViewRows::new(pool),
@@ -76,16 +73,7 @@ impl Application {
 /// the projection goes on and the query API reads PostgreSQL.
 #[tracing::instrument(name = "readyz", skip_all)]
 async fn readyz(State(model): State<ReadModel>) -> Response {
-    let postgres = tokio::time::timeout(
-        Duration::from_secs(2),
-        sqlx::query("SELECT 1").execute(model.rows.pool()),
-    )
-    .await
-    .map_err(|_| "timed out".to_owned())
-    .and_then(|r| {
-        r.map(|_| serde_json::json!("reachable"))
-            .map_err(|e| e.to_string())
-    });
+    let postgres = platform::db::ping(model.rows.pool()).await;
     let redis = match model.cache.ping().await {
         Ok(()) => serde_json::json!("reachable"),
         Err(error) => serde_json::json!({ "degraded": error.to_string() }),

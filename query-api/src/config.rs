@@ -3,21 +3,16 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use platform::config::{parse, string, InvalidSetting};
+use platform::config::{parse, InvalidSetting};
+use platform::db::DatabaseSettings;
 use read_model::CacheSettings;
-use secrecy::{ExposeSecret, SecretString};
-
-/// Local development default; production sets DATABASE_URL.
-pub const DEV_DATABASE_URL: &str = "postgres://userstream:userstream@127.0.0.1:5432/userstream";
 
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// `BIND_ADDR`, default `127.0.0.1:3002`.
     pub bind_addr: SocketAddr,
-    /// `DATABASE_URL`.
-    pub database_url: SecretString,
-    /// `DATABASE_MAX_CONNECTIONS`, default 20.
-    pub database_max_connections: u32,
+    /// `DATABASE_URL`, `DATABASE_MAX_CONNECTIONS` (default 20).
+    pub database: DatabaseSettings,
     /// `REDIS_*`; `REDIS_TIMEOUT_MS` defaults to 50, after which a read falls
     /// back to PostgreSQL.
     pub cache: CacheSettings,
@@ -29,14 +24,9 @@ impl Settings {
     pub fn from_env() -> Result<Self, InvalidSetting> {
         Ok(Self {
             bind_addr: parse("BIND_ADDR", SocketAddr::from(([127, 0, 0, 1], 3002)))?,
-            database_url: string("DATABASE_URL", DEV_DATABASE_URL).into(),
-            database_max_connections: parse("DATABASE_MAX_CONNECTIONS", 20)?,
+            database: DatabaseSettings::from_env(20)?,
             cache: CacheSettings::from_env(Duration::from_millis(50))?,
             request_timeout: Duration::from_millis(parse("REQUEST_TIMEOUT_MS", 5_000)?),
         })
-    }
-
-    pub fn database_url(&self) -> &str {
-        self.database_url.expose_secret()
     }
 }

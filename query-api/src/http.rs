@@ -179,16 +179,7 @@ async fn metrics() -> impl IntoResponse {
     ))]
 #[tracing::instrument(name = "readyz", skip_all)]
 async fn readyz(State(state): State<AppState>) -> Response {
-    let postgres = tokio::time::timeout(
-        Duration::from_secs(2),
-        sqlx::query("SELECT 1").execute(state.rows.pool()),
-    )
-    .await
-    .map_err(|_| "timed out".to_owned())
-    .and_then(|r| {
-        r.map(|_| serde_json::json!("reachable"))
-            .map_err(|e| e.to_string())
-    });
+    let postgres = platform::db::ping(state.rows.pool()).await;
     let redis = match state.cache.ping().await {
         Ok(()) => serde_json::json!("reachable"),
         Err(error) => serde_json::json!({ "degraded": error.to_string() }),

@@ -4,20 +4,13 @@ use query_api::startup::Application;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    platform::telemetry::init();
-    let result = async {
-        let settings = Settings::from_env().context("invalid settings")?;
-        Application::build(settings)
-            .await?
-            .run_until_stopped()
-            .await
-    }
-    .await;
-    if let Err(error) = &result {
-        tracing::error!(
-            error = format!("{error:#}"),
-            "query-api stopped with an error"
-        );
-    }
-    result
+    platform::telemetry::run_service("query-api", run()).await
+}
+
+async fn run() -> anyhow::Result<()> {
+    let settings = Settings::from_env().context("invalid settings")?;
+    Application::build(settings)
+        .await?
+        .run_until_stopped()
+        .await
 }

@@ -16,13 +16,10 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let pool = platform::db::connect(
-            settings.database_url(),
-            settings.database_max_connections,
-            Duration::from_secs(2),
-            "query-api",
-        )
-        .await?;
+        let pool = settings
+            .database
+            .connect(Duration::from_secs(2), "query-api")
+            .await?;
         let cache = ViewCache::from_settings(&settings.cache).context("REDIS_URL is invalid")?;
         let state = AppState {
             rows: ViewRows::new(pool),

@@ -149,6 +149,12 @@ fn from_sqlx(error: sqlx::Error) -> ApiError {
     }
 }
 
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        from_sqlx(e)
+    }
+}
+
 impl From<AppendError> for ApiError {
     fn from(e: AppendError) -> Self {
         match e {
@@ -157,7 +163,7 @@ impl From<AppendError> for ApiError {
             AppendError::VersionConflict | AppendError::IdempotencyKeyTaken => {
                 Self::ConcurrentModification
             }
-            AppendError::Database(e) => from_sqlx(e),
+            AppendError::Database(e) => e.into(),
         }
     }
 }

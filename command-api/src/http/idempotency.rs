@@ -69,10 +69,7 @@ pub async fn lookup(
     key: &str,
     fingerprint: &str,
 ) -> Result<Option<StoredAnswer>, ApiError> {
-    let answer = store
-        .stored_answer(key)
-        .await
-        .map_err(|e| ApiError::from(crate::store::AppendError::Database(e)))?;
+    let answer = store.stored_answer(key).await?;
     match answer {
         Some(answer) if answer.fingerprint != fingerprint => Err(ApiError::IdempotencyKeyReused),
         other => Ok(other),

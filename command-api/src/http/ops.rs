@@ -1,7 +1,6 @@
 //! Operational endpoints: liveness, readiness, metrics.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -25,16 +24,7 @@ pub async fn healthz() -> impl IntoResponse {
     ))]
 #[tracing::instrument(name = "readyz", skip_all)]
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    let postgres = tokio::time::timeout(
-        Duration::from_secs(2),
-        sqlx::query("SELECT 1").execute(state.store.pool()),
-    )
-    .await
-    .map_err(|_| "timed out".to_owned())
-    .and_then(|r| {
-        r.map(|_| serde_json::json!("reachable"))
-            .map_err(|e| e.to_string())
-    });
+    let postgres = platform::db::ping(state.store.pool()).await;
     platform::http::readiness(BTreeMap::from([
         ("postgres", postgres),
         ("relay", Ok(state.relay.snapshot())),
