@@ -115,16 +115,7 @@ impl UserEvent {
         schema_version: i16,
         payload: serde_json::Value,
     ) -> Result<Self, DecodeError> {
-        let known = Self::current_schema_version(event_type)
-            .ok_or_else(|| DecodeError::UnknownType(event_type.to_owned()))?;
-        if schema_version > known {
-            return Err(DecodeError::FutureSchema {
-                event_type: event_type.to_owned(),
-                found: schema_version,
-                known,
-            });
-        }
-        let payload = upcast(event_type, schema_version, payload);
+        let payload = upcast_checked(event_type, schema_version, payload)?;
         let malformed = |source| DecodeError::Payload {
             event_type: event_type.to_owned(),
             source,
@@ -142,6 +133,24 @@ impl UserEvent {
             other => return Err(DecodeError::UnknownType(other.to_owned())),
         })
     }
+}
+
+/// Refuses unknown types and schemas newer than this build, then upcasts.
+pub(crate) fn upcast_checked(
+    event_type: &str,
+    schema_version: i16,
+    payload: serde_json::Value,
+) -> Result<serde_json::Value, DecodeError> {
+    let known = UserEvent::current_schema_version(event_type)
+        .ok_or_else(|| DecodeError::UnknownType(event_type.to_owned()))?;
+    if schema_version > known {
+        return Err(DecodeError::FutureSchema {
+            event_type: event_type.to_owned(),
+            found: schema_version,
+            known,
+        });
+    }
+    Ok(upcast(event_type, schema_version, payload))
 }
 
 /// Brings a payload written under an older `schema_version` up to the current

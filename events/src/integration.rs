@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::domain::{RecordedEvent, UserEvent};
+use crate::domain::{self, DecodeError, RecordedEvent, UserEvent};
 
 pub const SPEC_VERSION: &str = "1.0";
 pub const CONTENT_TYPE: &str = "application/json";
@@ -23,6 +23,19 @@ pub enum PublicChange {
     Reactivated { reason: Option<String> },
 }
 
+/// One row of the `events_public` view (the log without secrets), as read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PublicRow {
+    pub global_position: i64,
+    pub stream_id: Uuid,
+    pub stream_version: i32,
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub schema_version: i16,
+    pub payload: serde_json::Value,
+    pub recorded_at: DateTime<Utc>,
+}
+
 /// One message on the topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IntegrationEvent {
@@ -34,9 +47,9 @@ pub struct IntegrationEvent {
     pub change: PublicChange,
 }
 
-/// The JSON body of a message.
+/// The JSON body of a message. Readers ignore fields they do not know, so the
+/// producer may add fields without breaking consumers.
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Body<D> {
     user_id: Uuid,
     stream_version: i32,
@@ -46,14 +59,12 @@ struct Body<D> {
 }
 
 #[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RegisteredData {
     username: String,
     email: String,
 }
 
 #[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ReasonData {
     reason: Option<String>,
 }
@@ -98,6 +109,45 @@ impl IntegrationEvent {
             occurred_at: recorded.recorded_at,
             change,
         }
+    }
+
+    /// The public form of a row of the `events_public` view, whose payload
+    /// has no secrets: the read side's way into the log. Older schema
+    /// versions are upcast first; unknown payload fields are ignored.
+    pub fn from_public_row(row: PublicRow) -> Result<Self, DecodeError> {
+        let payload = domain::upcast_checked(&row.event_type, row.schema_version, row.payload)?;
+        let malformed = |source| DecodeError::Payload {
+            event_type: row.event_type.clone(),
+            source,
+        };
+        let change = match row.event_type.as_str() {
+            UserEvent::REGISTERED => {
+                let d: RegisteredData = serde_json::from_value(payload).map_err(malformed)?;
+                PublicChange::Registered {
+                    username: d.username,
+                    email: d.email,
+                }
+            }
+            UserEvent::DEACTIVATED => PublicChange::Deactivated {
+                reason: serde_json::from_value::<ReasonData>(payload)
+                    .map_err(malformed)?
+                    .reason,
+            },
+            UserEvent::REACTIVATED => PublicChange::Reactivated {
+                reason: serde_json::from_value::<ReasonData>(payload)
+                    .map_err(malformed)?
+                    .reason,
+            },
+            other => return Err(DecodeError::UnknownType(other.to_owned())),
+        };
+        Ok(Self {
+            event_id: row.event_id,
+            user_id: row.stream_id,
+            stream_version: row.stream_version,
+            global_position: row.global_position,
+            occurred_at: row.recorded_at,
+            change,
+        })
     }
 
     /// The `ce_type` attribute.
@@ -243,6 +293,64 @@ mod tests {
         assert!(matches!(
             IntegrationEvent::decode(&id, IntegrationEvent::TYPE_REGISTERED, &public.body()),
             Err(MessageError::Body(_))
+        ));
+    }
+
+    #[test]
+    fn readers_ignore_fields_they_do_not_know() {
+        let id = Uuid::new_v4();
+        let body = serde_json::json!({
+            "user_id": Uuid::new_v4(),
+            "stream_version": 2,
+            "global_position": 7,
+            "occurred_at": "2026-11-21T10:00:00Z",
+            "trace": {"added": "later"},
+            "data": {"reason": "spam", "ticket": 42},
+        });
+        let event = IntegrationEvent::decode(
+            &id.to_string(),
+            IntegrationEvent::TYPE_DEACTIVATED,
+            body.to_string().as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            event.change,
+            PublicChange::Deactivated {
+                reason: Some("spam".into())
+            }
+        );
+    }
+
+    #[test]
+    fn a_public_row_gives_the_same_event_as_the_stored_one() {
+        let stored = recorded(UserEvent::Registered(UserRegistered {
+            username: "alice".into(),
+            email: "alice@example.com".into(),
+            password_hash: PasswordHash::new("$argon2id$v=19$secret".into()),
+        }));
+        let mut payload = stored.event.payload();
+        payload.as_object_mut().unwrap().remove("password_hash");
+        let row = PublicRow {
+            global_position: stored.global_position,
+            stream_id: stored.stream_id,
+            stream_version: stored.stream_version,
+            event_id: stored.event_id,
+            event_type: UserEvent::REGISTERED.into(),
+            schema_version: 1,
+            payload,
+            recorded_at: stored.recorded_at,
+        };
+        assert_eq!(
+            IntegrationEvent::from_public_row(row.clone()).unwrap(),
+            IntegrationEvent::from_recorded(&stored)
+        );
+        let unknown = PublicRow {
+            event_type: "UserRenamed".into(),
+            ..row
+        };
+        assert!(matches!(
+            IntegrationEvent::from_public_row(unknown),
+            Err(DecodeError::UnknownType(_))
         ));
     }
 }

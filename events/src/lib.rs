@@ -9,5 +9,5 @@ pub mod integration;
 pub mod view;
 
 pub use domain::{DecodeError, PasswordHash, UserEvent};
-pub use integration::{IntegrationEvent, PublicChange};
+pub use integration::{IntegrationEvent, PublicChange, PublicRow};
 pub use view::{project, Projection, UserStatus, UserView};

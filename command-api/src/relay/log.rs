@@ -1,20 +1,12 @@
 //! The relay's SQL: reading the log gap-safe, the checkpoint, the lag.
 
-use chrono::{DateTime, Utc};
 use events::domain::RecordedEvent;
 use events::UserEvent;
 use sqlx::{PgConnection, PgPool};
-use uuid::Uuid;
 
 use super::RelayError;
 
-/// The relay's position in the log: the last event Kafka acknowledged, as
-/// (transaction id, global position), the order the log is read in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Checkpoint {
-    pub transaction_id: i64,
-    pub global_position: i64,
-}
+pub use eventlog::Checkpoint;
 
 /// How far Kafka is behind the log.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -25,62 +17,35 @@ pub struct Lag {
     pub seconds: f64,
 }
 
-/// The relay's read. ORDER BY names the table's columns: a bare
-/// `transaction_id` would mean the bigint output column and make PostgreSQL
-/// sort the whole backlog instead of walking `events_transaction_order_idx`.
-pub const READ_BATCH: &str = "SELECT transaction_id::text::bigint AS xid, global_position, \
-        stream_id, stream_version, event_id, event_type, schema_version, payload, recorded_at \
-     FROM events \
-     WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2) \
-       AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-     ORDER BY events.transaction_id, events.global_position \
-     LIMIT $3";
+/// The relay's read: the shared gap-safe reader over the full `events` table.
+pub const READ_BATCH: &str = eventlog::Source::Events.sql();
 
-type Row = (
-    i64,
-    i64,
-    Uuid,
-    i32,
-    Uuid,
-    String,
-    i16,
-    serde_json::Value,
-    DateTime<Utc>,
-);
-
-/// The next events after `after`, from finished transactions only: every
-/// transaction below `pg_snapshot_xmin` has committed or aborted, so nothing
-/// can still appear before the last event returned.
-#[tracing::instrument(name = "sql_read_batch", skip(conn))]
+/// The next events after `after`, from finished transactions only (see
+/// [`eventlog::read_batch`]), decoded with their secrets: the relay drops them
+/// when it builds the public message.
 pub async fn read_batch(
     conn: &mut PgConnection,
     after: Checkpoint,
     limit: i64,
 ) -> Result<Vec<(i64, RecordedEvent)>, RelayError> {
-    let rows: Vec<Row> = sqlx::query_as(READ_BATCH)
-        .bind(after.transaction_id)
-        .bind(after.global_position)
-        .bind(limit)
-        .fetch_all(conn)
-        .await?;
+    let rows = eventlog::read_batch(conn, eventlog::Source::Events, after, limit).await?;
     rows.into_iter()
-        .map(
-            |(xid, position, stream_id, version, event_id, event_type, schema, payload, at)| {
-                let event = UserEvent::decode(&event_type, schema, payload)
-                    .map_err(|source| RelayError::Decode { position, source })?;
-                Ok((
-                    xid,
-                    RecordedEvent {
-                        global_position: position,
-                        stream_id,
-                        stream_version: version,
-                        event_id,
-                        recorded_at: at,
-                        event,
-                    },
-                ))
-            },
-        )
+        .map(|row| {
+            let position = row.global_position;
+            let event = UserEvent::decode(&row.event_type, row.schema_version, row.payload)
+                .map_err(|source| RelayError::Decode { position, source })?;
+            Ok((
+                row.xid,
+                RecordedEvent {
+                    global_position: position,
+                    stream_id: row.stream_id,
+                    stream_version: row.stream_version,
+                    event_id: row.event_id,
+                    recorded_at: row.recorded_at,
+                    event,
+                },
+            ))
+        })
         .collect()
 }
 
