@@ -4,4 +4,5 @@ pub mod config;
 pub mod db;
 pub mod http;
 pub mod shutdown;
+pub mod tasks;
 pub mod telemetry;
