@@ -2,7 +2,11 @@
 //! keeps the PostgreSQL read model and the Redis views up to date, applying
 //! each event's effect once.
 
-pub mod apply;
+pub mod batch;
 pub mod config;
+pub mod keeper;
+pub mod log;
+pub mod message;
+pub mod parked;
 pub mod startup;
 pub mod worker;

@@ -1,5 +1,5 @@
-//! Building and running the projector: the consumer task and a small HTTP
-//! server for /healthz, /readyz and /metrics.
+//! Building and running the projector: the consumer task, the cache keeper,
+//! and a small HTTP server for /healthz, /readyz and /metrics.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -10,36 +10,61 @@ use axum::extract::State;
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
+use platform::shutdown::Shutdown;
+use platform::tasks::Tasks;
 use read_model::{ViewCache, ViewRows};
 
-use crate::apply::ReadModel;
+use crate::batch::ReadModel;
 use crate::config::Settings;
 use crate::worker::Worker;
+use crate::{keeper, parked};
+
+/// How long a graceful stop waits for the consumer to commit its offsets.
+const STOP_WAIT: Duration = Duration::from_secs(10);
 
 pub struct Application {
     listener: tokio::net::TcpListener,
     router: Router,
     worker: Worker,
+    model: ReadModel,
+    tasks: Tasks,
+    shutdown: Shutdown,
+}
+
+#[derive(Clone)]
+struct Health {
+    model: ReadModel,
+    tasks: Tasks,
+}
+
+/// The read model `settings` describe (connects to PostgreSQL; Redis lazily).
+pub async fn read_model(settings: &Settings) -> anyhow::Result<ReadModel> {
+    let pool = settings
+        .database
+        .connect(Duration::from_secs(5), "projector")
+        .await?;
+    let cache = ViewCache::from_settings(&settings.cache).context("REDIS_URL is invalid")?;
+    Ok(ReadModel {
+        rows: ViewRows::new(pool),
+        cache,
+    })
 }
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let pool = settings
-            .database
-            .connect(Duration::from_secs(5), "projector")
-            .await?;
-        let cache = ViewCache::from_settings(&settings.cache).context("REDIS_URL is invalid")?;
-        let model = ReadModel {
-            rows: ViewRows::new(pool),
-            cache,
-        };
+        let model = read_model(&settings).await?;
         let worker =
             Worker::new(&settings, model.clone()).context("cannot create the Kafka consumer")?;
+        let (trigger, shutdown) = platform::shutdown::channel();
+        let tasks = Tasks::new(trigger, shutdown.clone());
         let router = Router::new()
             .route("/healthz", get(platform::http::healthz))
             .route("/readyz", get(readyz))
             .route("/metrics", get(platform::http::metrics))
-            .with_state(model);
+            .with_state(Health {
+                model: model.clone(),
+                tasks: tasks.clone(),
+            });
         let listener = tokio::net::TcpListener::bind(settings.bind_addr)
             .await
             .with_context(|| format!("cannot listen on {}", settings.bind_addr))?;
@@ -47,6 +72,9 @@ impl Application {
             listener,
             router: platform::http::layers(router, Duration::from_secs(5)),
             worker,
+            model,
+            tasks,
+            shutdown,
         })
     }
 
@@ -54,32 +82,58 @@ impl Application {
         self.listener.local_addr()
     }
 
+    /// Runs until SIGINT/SIGTERM, or until a background task fails: then
+    /// /readyz fails at once and the process ends with an error.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let addr = self.local_addr()?;
-        let (trigger, shutdown) = platform::shutdown::channel();
-        let worker = tokio::spawn(self.worker.run_until_stopped(shutdown));
+        let tasks = self.tasks;
+        let consumer = tasks.spawn("consumer", self.worker.run_until_stopped(tasks.shutdown()));
+        tasks.spawn(
+            "cache_keeper",
+            keeper::run_until_stopped(self.model.clone(), tasks.shutdown()),
+        );
         tracing::info!(%addr, service = "projector", "listening");
+        let stopper = tasks.clone();
+        let mut stopped = self.shutdown.clone();
         let served = platform::http::serve(self.listener, self.router, async move {
-            platform::shutdown::signal().await;
-            trigger.fire();
+            tokio::select! {
+                () = platform::shutdown::signal() => stopper.stop(),
+                () = stopped.requested() => {}
+            }
         })
         .await;
-        worker.await.context("the consumer task panicked")?;
+        if tokio::time::timeout(STOP_WAIT, consumer).await.is_err() {
+            tracing::warn!("the consumer did not stop in time; offsets re-read on the next start");
+        }
+        if let Some(failure) = tasks.failure() {
+            anyhow::bail!("{failure}");
+        }
         served.context("the HTTP server failed")
     }
 }
 
-/// Ready when PostgreSQL answers. Redis is reported but optional: without it
-/// the projection goes on and the query API reads PostgreSQL.
+/// Ready when PostgreSQL answers and every task runs. Redis and parked
+/// messages are reported, degraded but ready: the projection goes on for
+/// every other user and the query API reads PostgreSQL without Redis.
 #[tracing::instrument(name = "readyz", skip_all)]
-async fn readyz(State(model): State<ReadModel>) -> Response {
-    let postgres = platform::db::ping(model.rows.pool()).await;
-    let redis = match model.cache.ping().await {
+async fn readyz(State(health): State<Health>) -> Response {
+    let postgres = platform::db::ping(health.model.rows.pool()).await;
+    let redis = match health.model.cache.ping().await {
         Ok(()) => serde_json::json!("reachable"),
         Err(error) => serde_json::json!({ "degraded": error.to_string() }),
+    };
+    let parked = match parked::count_by_reason(health.model.rows.pool()).await {
+        Ok(counts) if counts.is_empty() => Ok(serde_json::json!("none")),
+        Ok(counts) => {
+            let total: i64 = counts.values().sum();
+            Ok(serde_json::json!({ "degraded": { "count": total, "by_reason": counts } }))
+        }
+        Err(error) => Err(platform::telemetry::error_chain(&error)),
     };
     platform::http::readiness(BTreeMap::from([
         ("postgres", postgres),
         ("redis", Ok(redis)),
+        ("tasks", health.tasks.check()),
+        ("parked", parked),
     ]))
 }

@@ -1,36 +1,47 @@
-//! The consumer loop: read a message, apply it, then mark it consumed.
+//! The consumer loop: take what Kafka has ready as one batch, apply it in one
+//! transaction, then store the offsets.
 //!
-//! Offsets are stored only after the event's effect is in PostgreSQL, so a
-//! crash re-delivers rather than loses; the version guard makes the re-delivery
-//! harmless. An event that cannot be applied (a gap, a database outage) is
-//! retried with backoff and the partition waits: skipping it would silently
-//! corrupt the view.
+//! Offsets are stored only after the batch's transaction committed, so a crash
+//! re-delivers rather than loses; the version check makes the re-delivery
+//! harmless. A message that cannot be applied is parked by the batch and never
+//! holds the partition. Only a failure of PostgreSQL itself stops progress:
+//! then the partitions are paused and the batch retried with backoff while
+//! the consumer keeps polling, so it stays in its group however long the
+//! outage lasts.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use events::IntegrationEvent;
+use futures::FutureExt;
 use platform::shutdown::Shutdown;
 use platform::telemetry::error_chain;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers};
-use rdkafka::{ClientConfig, Message};
+use rdkafka::ClientConfig;
 
-use crate::apply::{Applied, ApplyError, ReadModel};
+use crate::batch::{Mode, Outcome, ReadModel};
 use crate::config::Settings;
+use crate::message::Message;
 
-/// What one [`Worker::step`] did with one message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Applied,
-    Duplicate,
-    /// Not an event this projector understands; logged and counted.
-    Undecodable,
+/// Most messages applied in one transaction.
+pub const MAX_BATCH: usize = 1_000;
+/// Longest wait between retries of a batch while PostgreSQL fails.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What one [`Worker::step`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// A batch was applied and its offsets stored.
+    Applied(Outcome),
+    /// Shutdown was requested before the batch was applied.
+    Stopped,
 }
 
 pub struct Worker {
     consumer: StreamConsumer,
     model: ReadModel,
+    /// Messages received while a failing batch waited, in arrival order.
+    holdback: VecDeque<Message>,
 }
 
 pub fn consumer_config(settings: &Settings) -> ClientConfig {
@@ -41,7 +52,7 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
         .set("client.id", "userstream-projector")
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "true")
-        // Offsets are stored by hand, after the effect is durable.
+        // Offsets are stored by hand, after the batch's transaction committed.
         .set("enable.auto.offset.store", "false");
     config
 }
@@ -50,17 +61,24 @@ impl Worker {
     pub fn new(settings: &Settings, model: ReadModel) -> Result<Self, KafkaError> {
         let consumer: StreamConsumer = consumer_config(settings).create()?;
         consumer.subscribe(&[&settings.kafka_topic])?;
-        Ok(Self { consumer, model })
+        Ok(Self {
+            consumer,
+            model,
+            holdback: VecDeque::new(),
+        })
+    }
+
+    pub fn consumer(&self) -> &StreamConsumer {
+        &self.consumer
     }
 
     /// Consumes until shutdown, then commits the stored offsets.
-    pub async fn run_until_stopped(self, mut shutdown: Shutdown) {
+    pub async fn run_until_stopped(mut self, shutdown: Shutdown) {
         tracing::info!("projector consuming");
+        let mut shutdown = shutdown;
         while !shutdown.is_requested() {
-            let mut retry_stop = shutdown.clone();
-            tokio::select! {
-                () = self.step(&mut retry_stop) => {}
-                () = shutdown.requested() => {}
+            if self.step(&mut shutdown).await == Step::Stopped {
+                break;
             }
         }
         if let Err(error) = self.consumer.commit_consumer_state(CommitMode::Sync) {
@@ -70,76 +88,142 @@ impl Worker {
         tracing::info!("projector stopped");
     }
 
-    /// Takes the next message and handles it, retrying until it is applied.
-    async fn step(&self, shutdown: &mut Shutdown) {
-        let message = match self.consumer.recv().await {
-            Ok(message) => message,
-            Err(error) => {
-                metrics::counter!("projector_consume_errors_total").increment(1);
-                tracing::warn!(error = %error_chain(&error), "kafka consume error");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                return;
-            }
+    /// Takes the next batch and applies it, retrying while PostgreSQL fails.
+    #[tracing::instrument(name = "projector_step", skip_all)]
+    pub async fn step(&mut self, shutdown: &mut Shutdown) -> Step {
+        let Some(batch) = self.next_batch(shutdown).await else {
+            return Step::Stopped;
         };
+        fail::fail_point!("projector::consume");
         let mut backoff = Duration::from_millis(100);
+        let mut paused = None;
         loop {
-            match self.handle(&message).await {
+            match self.model.apply_batch(&batch, Mode::Consume).await {
                 Ok(outcome) => {
-                    metrics::counter!("projector_messages_total", "outcome" => format!("{outcome:?}").to_lowercase()).increment(1);
-                    if let Err(error) = self.consumer.store_offset_from_message(&message) {
-                        tracing::warn!(error = %error_chain(&error), "could not store the offset (partition revoked?)");
+                    if let Some(partitions) = paused.take() {
+                        if let Err(error) = self.consumer.resume(&partitions) {
+                            tracing::warn!(error = %error_chain(&error), "could not resume partitions");
+                        }
                     }
-                    return;
+                    self.store_offsets(&batch);
+                    record(&outcome, batch.len());
+                    return Step::Applied(outcome);
                 }
                 Err(error) => {
-                    let kind = match error {
-                        ApplyError::Gap { .. } => "gap",
-                        ApplyError::Invalid { .. } => "invalid",
-                        ApplyError::Database(_) => "database",
-                    };
-                    metrics::counter!("projector_apply_errors_total", "kind" => kind).increment(1);
-                    tracing::error!(error = %error_chain(&error), partition = message.partition(), offset = message.offset(), retry_in_ms = backoff.as_millis() as u64, "cannot apply event; the partition waits");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = shutdown.requested() => return,
+                    metrics::counter!("projector_apply_errors_total", "kind" => "database")
+                        .increment(1);
+                    tracing::error!(error = %error_chain(&error), messages = batch.len(), retry_in_ms = backoff.as_millis() as u64, "cannot apply a batch; partitions paused, retrying");
+                    if paused.is_none() {
+                        paused = self.pause_all();
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    if !self.wait_polling(backoff, shutdown).await {
+                        return Step::Stopped;
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
     }
 
-    #[tracing::instrument(name = "project_message", skip_all, fields(partition = message.partition(), offset = message.offset()))]
-    async fn handle(&self, message: &BorrowedMessage<'_>) -> Result<Outcome, ApplyError> {
-        let event = match decode(message) {
-            Ok(event) => event,
-            Err(reason) => {
-                tracing::error!(%reason, "skipping a message that is not a user event");
-                return Ok(Outcome::Undecodable);
+    /// The held-back messages, or the next one Kafka gives, plus whatever else
+    /// is ready right now, up to [`MAX_BATCH`]. None on shutdown.
+    async fn next_batch(&mut self, shutdown: &mut Shutdown) -> Option<Vec<Message>> {
+        let mut batch: Vec<Message> = Vec::new();
+        while batch.len() < MAX_BATCH {
+            match self.holdback.pop_front() {
+                Some(message) => batch.push(message),
+                None => break,
             }
-        };
-        Ok(match self.model.apply(&event).await? {
-            Applied::Applied => {
-                metrics::gauge!("projector_last_position").set(event.global_position as f64);
-                Outcome::Applied
+        }
+        if batch.is_empty() {
+            loop {
+                tokio::select! {
+                    received = self.consumer.recv() => match received {
+                        Ok(message) => {
+                            batch.push(Message::from_kafka(&message));
+                            break;
+                        }
+                        Err(error) => consume_error(&error),
+                    },
+                    () = shutdown.requested() => return None,
+                }
             }
-            Applied::Duplicate => Outcome::Duplicate,
-        })
+        }
+        while batch.len() < MAX_BATCH {
+            match self.consumer.recv().now_or_never() {
+                Some(Ok(message)) => batch.push(Message::from_kafka(&message)),
+                Some(Err(error)) => {
+                    consume_error(&error);
+                    break;
+                }
+                None => break,
+            }
+        }
+        Some(batch)
+    }
+
+    fn pause_all(&self) -> Option<rdkafka::TopicPartitionList> {
+        let assignment = self.consumer.assignment().ok()?;
+        match self.consumer.pause(&assignment) {
+            Ok(()) => Some(assignment),
+            Err(error) => {
+                tracing::warn!(error = %error_chain(&error), "could not pause partitions");
+                None
+            }
+        }
+    }
+
+    /// Waits `delay` while polling the consumer (it must poll to stay in its
+    /// group); anything still delivered is held back for the next batch.
+    /// False on shutdown.
+    async fn wait_polling(&mut self, delay: Duration, shutdown: &mut Shutdown) -> bool {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => return true,
+                () = shutdown.requested() => return false,
+                received = self.consumer.recv() => match received {
+                    Ok(message) => self.holdback.push_back(Message::from_kafka(&message)),
+                    Err(error) => consume_error(&error),
+                },
+            }
+        }
+    }
+
+    /// Stores, per partition, the offset after the batch's last message.
+    fn store_offsets(&self, batch: &[Message]) {
+        let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+        for message in batch {
+            let offset = next
+                .entry((message.topic.as_str(), message.partition))
+                .or_default();
+            *offset = (*offset).max(message.offset + 1);
+        }
+        for ((topic, partition), offset) in next {
+            if let Err(error) = self.consumer.store_offset(topic, partition, offset) {
+                // The partition moved to another consumer in a rebalance; it
+                // re-reads from the last commit, which the version check absorbs.
+                tracing::debug!(error = %error_chain(&error), topic, partition, "offset not stored");
+            }
+        }
     }
 }
 
-fn decode(message: &BorrowedMessage<'_>) -> Result<IntegrationEvent, String> {
-    let header = |name: &str| -> Option<String> {
-        message.headers().and_then(|headers| {
-            headers
-                .iter()
-                .find(|h| h.key == name)
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-        })
-    };
-    let id = header("ce_id").ok_or("no ce_id header")?;
-    let ce_type = header("ce_type").ok_or("no ce_type header")?;
-    let body = message.payload().ok_or("no body")?;
-    IntegrationEvent::decode(&id, &ce_type, body).map_err(|e| error_chain(&e))
+fn consume_error(error: &KafkaError) {
+    metrics::counter!("projector_consume_errors_total").increment(1);
+    tracing::warn!(error = %error_chain(error), "kafka consume error");
+}
+
+fn record(outcome: &Outcome, messages: usize) {
+    let parked = outcome.parked.len();
+    let applied_messages = messages.saturating_sub(outcome.duplicates + parked);
+    metrics::counter!("projector_messages_total", "outcome" => "applied")
+        .increment(applied_messages as u64);
+    metrics::counter!("projector_messages_total", "outcome" => "duplicate")
+        .increment(outcome.duplicates as u64);
+    metrics::counter!("projector_messages_total", "outcome" => "parked").increment(parked as u64);
+    metrics::counter!("projector_events_applied_total").increment(outcome.applied as u64);
+    metrics::counter!("projector_events_healed_total").increment(outcome.healed as u64);
+    metrics::histogram!("projector_batch_messages").record(messages as f64);
 }

@@ -10,14 +10,19 @@ use axum::routing::get;
 use axum::Router;
 use events::{UserStatus, UserView};
 use platform::http::{error_response, ErrorBody, ErrorDetail};
+use platform::tasks::Tasks;
 use platform::telemetry::error_chain;
-use read_model::{ViewCache, ViewRows};
+use read_model::{Lookup, ViewCache, ViewRows};
 use uuid::Uuid;
+
+use crate::gate::Gate;
 
 #[derive(Clone)]
 pub struct AppState {
     pub rows: ViewRows,
     pub cache: ViewCache,
+    pub gate: Gate,
+    pub tasks: Tasks,
 }
 
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
@@ -79,16 +84,29 @@ async fn get_user(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::InvalidId)?;
-    match state.cache.get(id).await {
-        Ok(Some(cached)) => {
-            metrics::counter!("query_cache_total", "result" => "hit").increment(1);
-            return Ok(respond(&headers, cached.version, cached.body));
+    let mut fill = None;
+    if let Some((ns, committed)) = state.gate.namespace() {
+        match state.cache.get(ns, id, committed).await {
+            Ok(Lookup::Hit(cached)) => {
+                metrics::counter!("query_cache_total", "result" => "hit").increment(1);
+                return Ok(respond(&headers, cached.version, cached.body));
+            }
+            Ok(Lookup::Miss) => {
+                metrics::counter!("query_cache_total", "result" => "miss").increment(1);
+                fill = Some(ns);
+            }
+            Ok(Lookup::Behind) => {
+                // Redis lost writes; the projector opens a fresh namespace.
+                metrics::counter!("query_cache_total", "result" => "behind").increment(1);
+            }
+            Err(error) => {
+                metrics::counter!("query_cache_total", "result" => "error").increment(1);
+                tracing::warn!(error = %error_chain(&error), "Redis unavailable; reading PostgreSQL");
+                state.gate.suspect();
+            }
         }
-        Ok(None) => metrics::counter!("query_cache_total", "result" => "miss").increment(1),
-        Err(error) => {
-            metrics::counter!("query_cache_total", "result" => "error").increment(1);
-            tracing::warn!(error = %error_chain(&error), "Redis unavailable; reading PostgreSQL");
-        }
+    } else {
+        metrics::counter!("query_cache_total", "result" => "bypass").increment(1);
     }
     let view = state
         .rows
@@ -96,14 +114,17 @@ async fn get_user(
         .await
         .map_err(ApiError::Unavailable)?
         .ok_or(ApiError::UserNotFound)?;
-    let cache = state.cache.clone();
-    let fill = view.clone();
-    // Filling the cache is not on the reader's clock.
-    tokio::spawn(async move {
-        if let Err(error) = cache.put(&fill).await {
-            tracing::debug!(error = %error_chain(&error), "cache fill skipped");
-        }
-    });
+    if let Some(ns) = fill {
+        let cache = state.cache.clone();
+        let view = view.clone();
+        // Filling the cache is not on the reader's clock. The fill loses to a
+        // pending or newer entry, so it cannot put back an older version.
+        tokio::spawn(async move {
+            if let Err(error) = cache.put(ns, &view).await {
+                tracing::debug!(error = %error_chain(&error), "cache fill skipped");
+            }
+        });
+    }
     let body = serde_json::to_string(&view).expect("views serialise to JSON");
     Ok(respond(&headers, view.version, body))
 }
@@ -174,8 +195,8 @@ async fn metrics() -> impl IntoResponse {
 /// without it.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
-        (status = 200, description = "PostgreSQL reachable; Redis reported (degraded is still ready)", body = serde_json::Value),
-        (status = 503, description = "PostgreSQL unreachable", body = serde_json::Value),
+        (status = 200, description = "PostgreSQL reachable and background tasks running; Redis reported (degraded is still ready)", body = serde_json::Value),
+        (status = 503, description = "PostgreSQL unreachable, or a background task failed", body = serde_json::Value),
     ))]
 #[tracing::instrument(name = "readyz", skip_all)]
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -187,5 +208,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     platform::http::readiness(BTreeMap::from([
         ("postgres", postgres),
         ("redis", Ok(redis)),
+        ("cache", Ok(state.gate.describe())),
+        ("tasks", state.tasks.check()),
     ]))
 }

@@ -2,5 +2,6 @@
 //! the PostgreSQL read model on a miss or when Redis is away.
 
 pub mod config;
+pub mod gate;
 pub mod http;
 pub mod startup;

@@ -4,14 +4,19 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
+use platform::shutdown::Shutdown;
+use platform::tasks::Tasks;
 use read_model::{ViewCache, ViewRows};
 
 use crate::config::Settings;
+use crate::gate::Gate;
 use crate::http::{self, AppState};
 
 pub struct Application {
     listener: tokio::net::TcpListener,
     router: axum::Router,
+    state: AppState,
+    shutdown: Shutdown,
 }
 
 impl Application {
@@ -21,16 +26,25 @@ impl Application {
             .connect(Duration::from_secs(2), "query-api")
             .await?;
         let cache = ViewCache::from_settings(&settings.cache).context("REDIS_URL is invalid")?;
+        let (trigger, shutdown) = platform::shutdown::channel();
         let state = AppState {
             rows: ViewRows::new(pool),
             cache,
+            gate: Gate::default(),
+            tasks: Tasks::new(trigger, shutdown.clone()),
         };
+        if let Err(error) = state.gate.prime(state.rows.pool()).await {
+            // The feed task retries; until then reads use PostgreSQL only.
+            tracing::warn!(error = %platform::telemetry::error_chain(&error), "cannot read the projection state yet");
+        }
         let listener = tokio::net::TcpListener::bind(settings.bind_addr)
             .await
             .with_context(|| format!("cannot listen on {}", settings.bind_addr))?;
         Ok(Self {
             listener,
-            router: http::router(state, settings.request_timeout),
+            router: http::router(state.clone(), settings.request_timeout),
+            state,
+            shutdown,
         })
     }
 
@@ -38,11 +52,31 @@ impl Application {
         self.listener.local_addr()
     }
 
+    /// Serves until SIGINT/SIGTERM, or until the projection-state feed task
+    /// fails: then /readyz fails at once and the process ends with an error.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let addr = self.local_addr()?;
+        let tasks = self.state.tasks.clone();
+        tasks.spawn(
+            "projection_state_feed",
+            self.state
+                .gate
+                .clone()
+                .run_until_stopped(self.state.rows.pool().clone(), tasks.shutdown()),
+        );
         tracing::info!(%addr, service = "query-api", "listening");
-        platform::http::serve(self.listener, self.router, platform::shutdown::signal())
-            .await
-            .context("the HTTP server failed")
+        let stopper = tasks.clone();
+        let mut stopped = self.shutdown;
+        let served = platform::http::serve(self.listener, self.router, async move {
+            tokio::select! {
+                () = platform::shutdown::signal() => stopper.stop(),
+                () = stopped.requested() => {}
+            }
+        })
+        .await;
+        if let Some(failure) = tasks.failure() {
+            anyhow::bail!("{failure}");
+        }
+        served.context("the HTTP server failed")
     }
 }

@@ -1,9 +1,24 @@
-//! Redis views: one hash per user, `{prefix}user:{id}` → `{v: version, body: JSON}`.
+//! Redis views, namespaced and guarded so that the cache never serves a
+//! version older than the read model has already committed.
 //!
-//! Writes go through a Lua script that compares versions inside Redis, so a
-//! slow or repeated writer can never replace a view with an older one. Every
-//! call has a short deadline and, after a failure to connect, the cache stays
-//! off for a moment instead of making every request wait on a dead server.
+//! Keys live in a namespace `{prefix}p{projection_version}:e{epoch}:`, which
+//! `projection_state` names. In it:
+//! * `user:{id}` is a hash `{v, p, body}`: the view at version `v`, or with
+//!   `p = 1` a *pending* mark: version `v` is being committed, so readers miss
+//!   and fills of older versions are refused.
+//! * `through` is the number of the last projection batch Redis was told of.
+//!
+//! The projector marks a batch's users pending and raises `through` *before*
+//! committing the batch ([`ViewCache::mark`]), and puts the views after
+//! ([`ViewCache::put_many`]). A reader trusts an entry only when it is not
+//! pending and `through` is at least the last committed batch number
+//! ([`ViewCache::get`]): a Redis that lost writes (restarted from a snapshot,
+//! failed over) holds a lower `through` and is not trusted; a Redis that could
+//! not be marked (down, paused) made the batch drop the namespace instead. All
+//! compares happen inside Redis, in Lua, so concurrent writers cannot interleave.
+//!
+//! Every call has a short deadline, and after a failure to connect the cache
+//! stays off for a moment instead of making every request wait on a dead server.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,16 +29,62 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use secrecy::{ExposeSecret, SecretString};
 use uuid::Uuid;
 
-/// Sets the view unless Redis already holds the same or a newer version.
-/// KEYS[1] = key; ARGV = version, body, ttl seconds. Returns 1 if written.
-const PUT_IF_NEWER: &str = r"
-local current = redis.call('HGET', KEYS[1], 'v')
-if current and tonumber(current) >= tonumber(ARGV[1]) then
+/// Marks a batch's users pending and raises `through`, unless the namespace
+/// is missing batches. KEYS[1] = through, KEYS[2..] = user keys; ARGV[1] = last
+/// committed batch number, ARGV[2] = this batch's number, ARGV[3] = ttl,
+/// ARGV[4..] = the versions being committed. Returns 1 if marked, 0 if the
+/// namespace cannot be trusted (its `through` is missing or behind).
+const MARK: &str = r"
+local through = tonumber(redis.call('GET', KEYS[1]))
+if not through or through < tonumber(ARGV[1]) then
   return 0
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[1], 'body', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+for i = 2, #KEYS do
+  local v = tonumber(ARGV[i + 2])
+  local current = tonumber(redis.call('HGET', KEYS[i], 'v'))
+  if not current or current < v then
+    redis.call('HSET', KEYS[i], 'v', v, 'p', 1)
+    redis.call('HDEL', KEYS[i], 'body')
+    redis.call('EXPIRE', KEYS[i], ARGV[3])
+  end
+end
+if tonumber(ARGV[2]) > through then
+  redis.call('SET', KEYS[1], ARGV[2])
+end
 return 1
+";
+
+/// Puts views unless a newer version (or the same one, settled) is there.
+/// KEYS = user keys; ARGV[1] = ttl, then (version, body) per key. Returns the
+/// number written.
+const PUT: &str = r"
+local written = 0
+for i = 1, #KEYS do
+  local v = tonumber(ARGV[2 * i])
+  local current = redis.call('HMGET', KEYS[i], 'v', 'p')
+  local cv = tonumber(current[1])
+  if not cv or cv < v or (cv == v and current[2] == '1') then
+    redis.call('HSET', KEYS[i], 'v', v, 'p', 0, 'body', ARGV[2 * i + 1])
+    redis.call('EXPIRE', KEYS[i], ARGV[1])
+    written = written + 1
+  end
+end
+return written
+";
+
+/// A trusted entry, or why not. KEYS[1] = user key, KEYS[2] = through;
+/// ARGV[1] = last committed batch number known to the reader. Returns
+/// {version, body} on a hit, {0} on a miss, {-1} when the namespace is behind.
+const GET: &str = r"
+local through = tonumber(redis.call('GET', KEYS[2]))
+if not through or through < tonumber(ARGV[1]) then
+  return {-1}
+end
+local e = redis.call('HMGET', KEYS[1], 'v', 'p', 'body')
+if not e[1] or e[2] == '1' or not e[3] then
+  return {0}
+end
+return {tonumber(e[1]), e[3]}
 ";
 
 /// How long the cache stays off after a failed connection attempt.
@@ -37,6 +98,27 @@ pub enum CacheError {
     Timeout(Duration),
     #[error("redis is unreachable; next attempt in under {0:?}")]
     Unreachable(Duration),
+    #[error("unexpected answer from a cache script: {0}")]
+    Protocol(String),
+}
+
+/// One namespace of cached views: a generation of the read model and a cache
+/// epoch, both named by `projection_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Namespace {
+    pub projection_version: i32,
+    pub epoch: i64,
+}
+
+/// What [`ViewCache::get`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// A settled entry in a namespace that has every committed batch.
+    Hit(CachedView),
+    /// No entry, or one whose next version is being committed.
+    Miss,
+    /// The namespace is behind the read model (it lost writes): trust nothing in it.
+    Behind,
 }
 
 /// A cached view: its version and the JSON body served for it.
@@ -86,7 +168,9 @@ struct Inner {
     prefix: String,
     ttl: Duration,
     timeout: Duration,
-    script: redis::Script,
+    mark: redis::Script,
+    put: redis::Script,
+    get: redis::Script,
     connection: Mutex<Connection>,
 }
 
@@ -110,7 +194,9 @@ impl ViewCache {
                 prefix: prefix.into(),
                 ttl,
                 timeout,
-                script: redis::Script::new(PUT_IF_NEWER),
+                mark: redis::Script::new(MARK),
+                put: redis::Script::new(PUT),
+                get: redis::Script::new(GET),
                 connection: Mutex::new(Connection::default()),
             }),
         })
@@ -126,8 +212,22 @@ impl ViewCache {
         )
     }
 
-    pub fn key(&self, id: Uuid) -> String {
-        format!("{}user:{id}", self.inner.prefix)
+    /// The key prefix of `ns`.
+    pub fn namespace_prefix(&self, ns: Namespace) -> String {
+        format!(
+            "{}p{}:e{}:",
+            self.inner.prefix, ns.projection_version, ns.epoch
+        )
+    }
+
+    /// The key of one user's view in `ns`.
+    pub fn key(&self, ns: Namespace, id: Uuid) -> String {
+        format!("{}user:{id}", self.namespace_prefix(ns))
+    }
+
+    /// The key holding the number of the last batch `ns` was told of.
+    pub fn through_key(&self, ns: Namespace) -> String {
+        format!("{}through", self.namespace_prefix(ns))
     }
 
     async fn connection(&self) -> Result<ConnectionManager, CacheError> {
@@ -177,45 +277,123 @@ impl ViewCache {
             .map_err(|_| CacheError::Timeout(self.inner.timeout))?
     }
 
-    /// The cached view of `id`, if any.
+    /// The view of `id` in `ns`, trusted only when the namespace has every
+    /// batch up to `committed_seq` and the entry is not pending.
     #[tracing::instrument(name = "redis_get_view", skip(self))]
-    pub async fn get(&self, id: Uuid) -> Result<Option<CachedView>, CacheError> {
+    pub async fn get(
+        &self,
+        ns: Namespace,
+        id: Uuid,
+        committed_seq: i64,
+    ) -> Result<Lookup, CacheError> {
         let mut conn = self.connection().await?;
-        let key = self.key(id);
-        let (version, body): (Option<i32>, Option<String>) = self
-            .deadline(async {
-                Ok(redis::cmd("HMGET")
-                    .arg(&key)
-                    .arg("v")
-                    .arg("body")
-                    .query_async(&mut conn)
-                    .await?)
-            })
-            .await?;
-        Ok(version
-            .zip(body)
-            .map(|(version, body)| CachedView { version, body }))
-    }
-
-    /// Stores `view` unless a same-or-newer version is there. Returns whether it wrote.
-    #[tracing::instrument(name = "redis_put_view", skip_all, fields(id = %view.id, version = view.version))]
-    pub async fn put(&self, view: &UserView) -> Result<bool, CacheError> {
-        let mut conn = self.connection().await?;
-        let body = serde_json::to_string(view).expect("views serialise to JSON");
-        let written: i32 = self
+        let answer: Vec<redis::Value> = self
             .deadline(async {
                 Ok(self
                     .inner
-                    .script
-                    .key(self.key(view.id))
-                    .arg(view.version)
-                    .arg(body)
-                    .arg(self.inner.ttl.as_secs().max(1))
+                    .get
+                    .key(self.key(ns, id))
+                    .key(self.through_key(ns))
+                    .arg(committed_seq)
                     .invoke_async(&mut conn)
                     .await?)
             })
             .await?;
-        Ok(written == 1)
+        match answer.as_slice() {
+            [redis::Value::Int(-1)] => Ok(Lookup::Behind),
+            [redis::Value::Int(0)] => Ok(Lookup::Miss),
+            [version, body] => Ok(Lookup::Hit(CachedView {
+                version: redis::from_redis_value(version)?,
+                body: redis::from_redis_value(body)?,
+            })),
+            other => Err(CacheError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Before a batch commits: marks `pending` (user, version being
+    /// committed) in `ns` and records batch `seq`, provided `ns` has every
+    /// batch up to `committed_seq`. Returns false when the namespace is
+    /// behind; the caller must then stop trusting it.
+    #[tracing::instrument(name = "redis_mark_pending", skip_all, fields(users = pending.len(), seq))]
+    pub async fn mark(
+        &self,
+        ns: Namespace,
+        committed_seq: i64,
+        seq: i64,
+        pending: &[(Uuid, i32)],
+    ) -> Result<bool, CacheError> {
+        let mut conn = self.connection().await?;
+        let mut invocation = self.inner.mark.key(self.through_key(ns));
+        invocation
+            .arg(committed_seq)
+            .arg(seq)
+            .arg(self.inner.ttl.as_secs().max(1));
+        for (id, version) in pending {
+            invocation.key(self.key(ns, *id)).arg(*version);
+        }
+        let marked: i32 = self
+            .deadline(async { Ok(invocation.invoke_async(&mut conn).await?) })
+            .await?;
+        Ok(marked == 1)
+    }
+
+    /// Stores views in `ns`, each unless a newer (or the same, settled)
+    /// version is there. Returns how many were written.
+    #[tracing::instrument(name = "redis_put_views", skip_all, fields(views = views.len()))]
+    pub async fn put_many(&self, ns: Namespace, views: &[&UserView]) -> Result<usize, CacheError> {
+        if views.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.connection().await?;
+        let mut invocation = self.inner.put.prepare_invoke();
+        invocation.arg(self.inner.ttl.as_secs().max(1));
+        for view in views {
+            let body = serde_json::to_string(view).expect("views serialise to JSON");
+            invocation
+                .key(self.key(ns, view.id))
+                .arg(view.version)
+                .arg(body);
+        }
+        let written: usize = self
+            .deadline(async { Ok(invocation.invoke_async(&mut conn).await?) })
+            .await?;
+        Ok(written)
+    }
+
+    /// Stores one view (a reader's fill after a miss); see [`Self::put_many`].
+    pub async fn put(&self, ns: Namespace, view: &UserView) -> Result<bool, CacheError> {
+        Ok(self.put_many(ns, &[view]).await? == 1)
+    }
+
+    /// The number of the last batch `ns` was told of, if it has one.
+    #[tracing::instrument(name = "redis_get_through", skip(self))]
+    pub async fn through(&self, ns: Namespace) -> Result<Option<i64>, CacheError> {
+        let mut conn = self.connection().await?;
+        self.deadline(async {
+            Ok(redis::cmd("GET")
+                .arg(self.through_key(ns))
+                .query_async(&mut conn)
+                .await?)
+        })
+        .await
+    }
+
+    /// Opens a fresh namespace at batch `seq`. Returns false if `ns` was
+    /// already in use (the caller draws another epoch).
+    #[tracing::instrument(name = "redis_open_namespace", skip(self))]
+    pub async fn open(&self, ns: Namespace, seq: i64) -> Result<bool, CacheError> {
+        let mut conn = self.connection().await?;
+        let created: Option<String> = self
+            .deadline(async {
+                Ok(redis::cmd("SET")
+                    .arg(self.through_key(ns))
+                    .arg(seq)
+                    .arg("NX")
+                    .query_async(&mut conn)
+                    .await?)
+            })
+            .await?;
+        Ok(created.is_some())
     }
 
     /// `PING`, for readiness checks.

@@ -6,6 +6,8 @@
 
 pub mod cache;
 pub mod rows;
+pub mod state;
 
-pub use cache::{CacheError, CacheSettings, ViewCache};
+pub use cache::{CacheError, CacheSettings, Lookup, Namespace, ViewCache};
 pub use rows::ViewRows;
+pub use state::ProjectionState;

@@ -1,33 +1,46 @@
-//! The `user_views` table.
+//! The `user_views` table: the durable copy of the read model.
 
 use chrono::{DateTime, Utc};
 use events::{UserStatus, UserView};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-type Row = (
-    Uuid,
-    String,
-    String,
-    String,
-    i32,
-    DateTime<Utc>,
-    DateTime<Utc>,
-);
+/// The table's columns, in one place for every SELECT.
+pub const COLUMNS: &str = "id, username, email, status, version, registered_at, updated_at";
 
-fn to_view(row: Row) -> Result<UserView, sqlx::Error> {
-    let (id, username, email, status, version, registered_at, updated_at) = row;
-    let status = UserStatus::parse(&status)
-        .ok_or_else(|| sqlx::Error::Decode(format!("unknown status {status:?}").into()))?;
-    Ok(UserView {
-        id,
-        username,
-        email,
-        status,
-        version,
-        registered_at,
-        updated_at,
-    })
+/// One row of `user_views`, as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ViewRow {
+    pub id: Uuid,
+    pub username: String,
+    pub email: String,
+    pub status: String,
+    pub version: i32,
+    pub registered_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl TryFrom<ViewRow> for UserView {
+    type Error = sqlx::Error;
+
+    fn try_from(row: ViewRow) -> Result<Self, Self::Error> {
+        let status = UserStatus::parse(&row.status).ok_or_else(|| {
+            sqlx::Error::Decode(format!("unknown status {:?}", row.status).into())
+        })?;
+        Ok(UserView {
+            id: row.id,
+            username: row.username,
+            email: row.email,
+            status,
+            version: row.version,
+            registered_at: row.registered_at,
+            updated_at: row.updated_at,
+        })
+    }
+}
+
+fn into_views(rows: Vec<ViewRow>) -> Result<Vec<UserView>, sqlx::Error> {
+    rows.into_iter().map(UserView::try_from).collect()
 }
 
 #[derive(Clone)]
@@ -47,19 +60,17 @@ impl ViewRows {
     /// One user's view, if the projector has built it.
     #[tracing::instrument(name = "sql_load_view", skip(self))]
     pub async fn load(&self, id: Uuid) -> Result<Option<UserView>, sqlx::Error> {
-        let row: Option<Row> = sqlx::query_as(
-            "SELECT id, username, email, status, version, registered_at, updated_at \
-             FROM user_views WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(to_view).transpose()
+        let row: Option<ViewRow> =
+            sqlx::query_as(&format!("SELECT {COLUMNS} FROM user_views WHERE id = $1"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(UserView::try_from).transpose()
     }
 
     /// Writes `view` only if the stored row is exactly one version behind (or
     /// absent for version 1). Returns false when another writer got there
-    /// first, so the caller re-reads and decides again.
+    /// first. Used by tests that seed a view without the projector.
     #[tracing::instrument(name = "sql_store_next_view", skip_all, fields(id = %view.id, version = view.version))]
     pub async fn store_next(&self, view: &UserView) -> Result<bool, sqlx::Error> {
         let result = sqlx::query(
@@ -82,4 +93,61 @@ impl ViewRows {
         .await?;
         Ok(result.rows_affected() == 1)
     }
+}
+
+/// The views of `ids`, locked until the transaction ends, so two projector
+/// instances overlapping in a rebalance cannot both apply the same event.
+#[tracing::instrument(name = "sql_lock_views", skip_all, fields(users = ids.len()))]
+pub async fn lock_many(tx: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<UserView>, sqlx::Error> {
+    let rows: Vec<ViewRow> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM user_views WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+    ))
+    .bind(ids)
+    .fetch_all(tx)
+    .await?;
+    into_views(rows)
+}
+
+/// Writes `views` in one statement; a row only ever moves forward.
+#[tracing::instrument(name = "sql_upsert_views", skip_all, fields(views = views.len()))]
+pub async fn upsert_many(tx: &mut PgConnection, views: &[&UserView]) -> Result<u64, sqlx::Error> {
+    if views.is_empty() {
+        return Ok(0);
+    }
+    let mut ids = Vec::with_capacity(views.len());
+    let mut usernames = Vec::with_capacity(views.len());
+    let mut emails = Vec::with_capacity(views.len());
+    let mut statuses = Vec::with_capacity(views.len());
+    let mut versions = Vec::with_capacity(views.len());
+    let mut registered = Vec::with_capacity(views.len());
+    let mut updated = Vec::with_capacity(views.len());
+    for view in views {
+        ids.push(view.id);
+        usernames.push(view.username.as_str());
+        emails.push(view.email.as_str());
+        statuses.push(view.status.as_str());
+        versions.push(view.version);
+        registered.push(view.registered_at);
+        updated.push(view.updated_at);
+    }
+    let result = sqlx::query(
+        "INSERT INTO user_views (id, username, email, status, version, registered_at, updated_at) \
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], \
+                              $6::timestamptz[], $7::timestamptz[]) \
+         ON CONFLICT (id) DO UPDATE SET \
+           username = EXCLUDED.username, email = EXCLUDED.email, status = EXCLUDED.status, \
+           version = EXCLUDED.version, registered_at = EXCLUDED.registered_at, \
+           updated_at = EXCLUDED.updated_at \
+         WHERE user_views.version < EXCLUDED.version",
+    )
+    .bind(&ids)
+    .bind(&usernames)
+    .bind(&emails)
+    .bind(&statuses)
+    .bind(&versions)
+    .bind(&registered)
+    .bind(&updated)
+    .execute(tx)
+    .await?;
+    Ok(result.rows_affected())
 }

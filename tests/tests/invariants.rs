@@ -7,9 +7,8 @@ use chrono::Utc;
 use command_api::relay::{read_batch, Checkpoint};
 use command_api::store::{AppendError, EventStore};
 use events::domain::{EventMetadata, UserDeactivated, UserRegistered};
-use events::{IntegrationEvent, PasswordHash, PublicChange, UserEvent, UserStatus, UserView};
-use projector::apply::{Applied, ApplyError, ReadModel};
-use read_model::{ViewCache, ViewRows};
+use events::{PasswordHash, UserEvent, UserStatus, UserView};
+use read_model::{Lookup, Namespace, ViewCache};
 use sqlx::{Connection, PgConnection};
 use userstream_tests::{redis_url, TestEnv};
 use uuid::Uuid;
@@ -279,70 +278,55 @@ fn view(id: Uuid, version: i32, status: UserStatus) -> UserView {
 }
 
 #[tokio::test]
-async fn redis_views_never_move_backwards() {
+async fn redis_views_never_move_backwards_and_pending_marks_refuse_old_fills() {
     let env = TestEnv::new().await;
     let cache = cache(&env);
-    let id = Uuid::new_v4();
-    assert!(cache
-        .put(&view(id, 2, UserStatus::Deactivated))
-        .await
-        .unwrap());
-    assert!(!cache.put(&view(id, 1, UserStatus::Active)).await.unwrap());
-    assert!(!cache.put(&view(id, 2, UserStatus::Active)).await.unwrap());
-    let cached = cache.get(id).await.unwrap().unwrap();
-    assert_eq!(cached.version, 2);
-    assert!(cached.body.contains("deactivated"));
-    assert!(cache.put(&view(id, 3, UserStatus::Active)).await.unwrap());
-    assert_eq!(cache.get(id).await.unwrap().unwrap().version, 3);
-}
-
-fn public(user_id: Uuid, version: i32, change: PublicChange) -> IntegrationEvent {
-    IntegrationEvent {
-        event_id: Uuid::new_v4(),
-        user_id,
-        stream_version: version,
-        global_position: i64::from(version),
-        occurred_at: Utc::now(),
-        change,
-    }
-}
-
-#[tokio::test]
-async fn the_projector_applies_each_event_once_and_reports_gaps() {
-    let env = TestEnv::new().await;
-    let model = ReadModel {
-        rows: ViewRows::new(env.pool.clone()),
-        cache: cache(&env),
+    let ns = Namespace {
+        projection_version: 1,
+        epoch: 7,
     };
     let id = Uuid::new_v4();
-    let first = public(
-        id,
-        1,
-        PublicChange::Registered {
-            username: "eve".into(),
-            email: "eve@example.com".into(),
-        },
-    );
-    assert_eq!(model.apply(&first).await.unwrap(), Applied::Applied);
-    assert_eq!(model.apply(&first).await.unwrap(), Applied::Duplicate);
-
-    let third = public(id, 3, PublicChange::Reactivated { reason: None });
-    assert!(matches!(
-        model.apply(&third).await,
-        Err(ApplyError::Gap {
-            current: 1,
-            event: 3,
-            ..
-        })
-    ));
-    let second = public(id, 2, PublicChange::Deactivated { reason: None });
-    assert_eq!(model.apply(&second).await.unwrap(), Applied::Applied);
-    assert_eq!(model.apply(&second).await.unwrap(), Applied::Duplicate);
-
-    let row = model.rows.load(id).await.unwrap().unwrap();
-    assert_eq!((row.version, row.status), (2, UserStatus::Deactivated));
-    let cached = model.cache.get(id).await.unwrap().unwrap();
+    assert!(cache.open(ns, 0).await.unwrap());
+    assert!(!cache.open(ns, 0).await.unwrap(), "a namespace opens once");
+    assert!(cache
+        .put(ns, &view(id, 2, UserStatus::Deactivated))
+        .await
+        .unwrap());
+    assert!(!cache
+        .put(ns, &view(id, 1, UserStatus::Active))
+        .await
+        .unwrap());
+    assert!(!cache
+        .put(ns, &view(id, 2, UserStatus::Active))
+        .await
+        .unwrap());
+    let Lookup::Hit(cached) = cache.get(ns, id, 0).await.unwrap() else {
+        panic!("expected a hit");
+    };
     assert_eq!(cached.version, 2);
+    assert!(cached.body.contains("deactivated"));
+
+    // Batch 1 is about to commit version 3: readers miss, and a reader's fill
+    // of what it read before the commit (version 2) is refused.
+    assert!(cache.mark(ns, 0, 1, &[(id, 3)]).await.unwrap());
+    assert_eq!(cache.get(ns, id, 1).await.unwrap(), Lookup::Miss);
+    assert!(!cache
+        .put(ns, &view(id, 2, UserStatus::Active))
+        .await
+        .unwrap());
+    assert!(cache
+        .put(ns, &view(id, 3, UserStatus::Active))
+        .await
+        .unwrap());
+    let Lookup::Hit(cached) = cache.get(ns, id, 1).await.unwrap() else {
+        panic!("expected a hit");
+    };
+    assert_eq!(cached.version, 3);
+
+    // A namespace that was not told of batch 2 is behind: nothing in it is served,
+    // and it cannot be marked for later batches either.
+    assert_eq!(cache.get(ns, id, 2).await.unwrap(), Lookup::Behind);
+    assert!(!cache.mark(ns, 2, 3, &[(id, 4)]).await.unwrap());
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use events::{UserStatus, UserView};
-use read_model::{ViewCache, ViewRows};
+use read_model::{Lookup, Namespace, ViewCache, ViewRows};
 use serde_json::Value;
 use userstream_tests::{eventually, redis_url, schema_errors, Running, Service, TestEnv};
 use uuid::Uuid;
@@ -70,10 +70,32 @@ async fn stored_view(env: &TestEnv) -> UserView {
     view
 }
 
+/// Opens a Redis namespace as the projector's keeper would (no projector runs here).
+async fn open_namespace(env: &TestEnv, cache: &ViewCache) -> Namespace {
+    let ns = Namespace {
+        projection_version: 1,
+        epoch: 1,
+    };
+    assert!(cache.open(ns, 0).await.unwrap());
+    sqlx::query("UPDATE projection_state SET cache_epoch = 1")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    ns
+}
+
 #[tokio::test]
 async fn a_view_is_read_from_postgres_cached_in_redis_and_revalidated_by_etag() {
     let env = TestEnv::new().await;
     let view = stored_view(&env).await;
+    let cache = ViewCache::new(
+        &redis_url(),
+        env.redis_prefix.clone(),
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let ns = open_namespace(&env, &cache).await;
     let query = env.spawn(Service::QueryApi, &[]).await;
     let spec = spec(&query).await;
     let path = format!("/users/{}", view.id);
@@ -85,15 +107,11 @@ async fn a_view_is_read_from_postgres_cached_in_redis_and_revalidated_by_etag() 
     assert_eq!(first.body["status"], "active");
 
     // The miss filled Redis, through the version-guarded write.
-    let cache = ViewCache::new(
-        &redis_url(),
-        env.redis_prefix.clone(),
-        Duration::from_secs(60),
-        Duration::from_secs(2),
-    )
-    .unwrap();
     let cached = eventually("the cache fill", Duration::from_secs(10), || async {
-        cache.get(view.id).await.unwrap()
+        match cache.get(ns, view.id, 0).await.unwrap() {
+            Lookup::Hit(cached) => Some(cached),
+            _ => None,
+        }
     })
     .await;
     assert_eq!(cached.version, 1);
@@ -127,6 +145,11 @@ async fn unknown_and_invalid_ids_get_clear_errors() {
 async fn answers_still_come_from_postgres_when_redis_is_unreachable() {
     let env = TestEnv::new().await;
     let view = stored_view(&env).await;
+    // A namespace is named, so the query API tries Redis first.
+    sqlx::query("UPDATE projection_state SET cache_epoch = 1")
+        .execute(&env.pool)
+        .await
+        .unwrap();
     // Nothing listens on port 1: every Redis call fails at once.
     let query = env
         .spawn(Service::QueryApi, &[("REDIS_URL", "redis://127.0.0.1:1")])

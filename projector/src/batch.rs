@@ -1,0 +1,254 @@
+//! Applying a batch of messages to the read model in one transaction.
+//!
+//! The log is the truth, Kafka only says what to look at: each message is
+//! checked against the log (its event id must be there, at its user and
+//! version) and the views are folded from the log's own rows, so a forged or
+//! damaged message cannot change a view. A user whose view is behind the
+//! message (a gap) is healed by folding the missing versions from the log.
+//! What still cannot be applied is parked, one user at a time, and the batch
+//! goes on for everyone else.
+//!
+//! Order inside the transaction: lock `projection_state` (serialises batches,
+//! rebuild switches and namespace changes), lock the users' views, fold, write
+//! views, parked messages and partition progress, mark the changed users
+//! pending in Redis, commit; then put the new views in Redis.
+
+use std::collections::{BTreeMap, HashMap};
+
+use events::{project, IntegrationEvent, Projection, UserView};
+use platform::telemetry::error_chain;
+use read_model::{rows, state, ViewCache, ViewRows};
+use uuid::Uuid;
+
+use crate::log;
+use crate::message::{Message, Unreadable};
+use crate::parked::{self, Park, Reason};
+
+/// The read model the projector writes.
+#[derive(Clone)]
+pub struct ReadModel {
+    pub rows: ViewRows,
+    pub cache: ViewCache,
+}
+
+/// What one batch did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Events applied to views, including healed ones.
+    pub applied: usize,
+    /// Of those, events taken from the log that no message of the batch carried.
+    pub healed: usize,
+    /// Messages whose event the view already had (redeliveries).
+    pub duplicates: usize,
+    /// Indexes (into the batch) of the messages parked, with why.
+    pub parked: Vec<(usize, Reason)>,
+    /// Whether Redis was told of the batch before it committed.
+    pub cache_marked: bool,
+}
+
+/// How the batch is being run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Live consumption: partition progress is recorded.
+    Consume,
+    /// `projector retry`: parked messages again; progress is left alone.
+    Retry,
+}
+
+impl ReadModel {
+    /// Applies `messages` (in consumption order) in one transaction.
+    #[tracing::instrument(name = "apply_batch", skip_all, fields(messages = messages.len()))]
+    pub async fn apply_batch(
+        &self,
+        messages: &[Message],
+        mode: Mode,
+    ) -> Result<Outcome, sqlx::Error> {
+        let mut outcome = Outcome::default();
+        let mut parks: Vec<Park> = Vec::new();
+        let mut events: Vec<(usize, IntegrationEvent)> = Vec::new();
+        for (index, message) in messages.iter().enumerate() {
+            match message.decode() {
+                Ok(event) => events.push((index, event)),
+                Err(Unreadable::UnknownType(t)) => parks.push(Park::new(
+                    index,
+                    None,
+                    Reason::UnknownType,
+                    format!("unknown ce_type {t:?}"),
+                )),
+                Err(Unreadable::Undecodable(why)) => {
+                    parks.push(Park::new(index, None, Reason::Undecodable, why))
+                }
+            }
+        }
+
+        let mut tx = self.rows.pool().begin().await?;
+        let projection = state::lock(&mut tx).await?;
+
+        // Only events that are in the log, where the message says, count.
+        let ids: Vec<Uuid> = events.iter().map(|(_, e)| e.event_id).collect();
+        let in_log = log::locate(&mut tx, &ids).await?;
+        events.retain(|(index, event)| {
+            let found = in_log.get(&event.event_id);
+            if found == Some(&(event.user_id, event.stream_version)) {
+                return true;
+            }
+            let detail = match found {
+                None => format!("event {} is not in the log", event.event_id),
+                Some((user, version)) => format!(
+                    "event {} is in the log as version {version} of user {user}, not as version {} of user {}",
+                    event.event_id, event.stream_version, event.user_id
+                ),
+            };
+            parks.push(Park::new(*index, Some(event), Reason::NotInLog, detail));
+            false
+        });
+
+        // Per user: the highest version the batch asks for.
+        let mut wanted: BTreeMap<Uuid, i32> = BTreeMap::new();
+        for (_, event) in &events {
+            let v = wanted.entry(event.user_id).or_default();
+            *v = (*v).max(event.stream_version);
+        }
+        let users: Vec<Uuid> = wanted.keys().copied().collect();
+        let mut views: HashMap<Uuid, UserView> = rows::lock_many(&mut tx, &users)
+            .await?
+            .into_iter()
+            .map(|v| (v.id, v))
+            .collect();
+        let ranges: Vec<(Uuid, i32, i32)> = wanted
+            .iter()
+            .map(|(user, upto)| (*user, views.get(user).map_or(0, |v| v.version), *upto))
+            .filter(|(_, after, upto)| upto > after)
+            .collect();
+        let carried: HashMap<(Uuid, i32), usize> = events
+            .iter()
+            .map(|(index, e)| ((e.user_id, e.stream_version), *index))
+            .collect();
+
+        // Fold each user's missing versions from the log.
+        let mut blocked: HashMap<Uuid, (i32, Reason, String)> = HashMap::new();
+        let mut changed: BTreeMap<Uuid, ()> = BTreeMap::new();
+        for row in log::read_ranges(&mut tx, &ranges).await? {
+            let user = row.stream_id;
+            if blocked.contains_key(&user) {
+                continue;
+            }
+            let version = row.stream_version;
+            let step = match row.decode() {
+                Err(error) => Err((Reason::UnknownType, error_chain(&error))),
+                Ok(event) => match project(views.get(&user), &event) {
+                    Projection::Apply(view) => Ok(view),
+                    Projection::AlreadyApplied => continue,
+                    Projection::Gap { current, event } => Err((
+                        Reason::Gap,
+                        format!("the log misses versions between {current} and {event}"),
+                    )),
+                    Projection::Invalid { current, event } => Err((
+                        Reason::InvalidTransition,
+                        format!("version {event} cannot follow version {current}"),
+                    )),
+                },
+            };
+            match step {
+                Ok(view) => {
+                    views.insert(user, view);
+                    changed.insert(user, ());
+                    outcome.applied += 1;
+                    if !carried.contains_key(&(user, version)) {
+                        outcome.healed += 1;
+                    }
+                }
+                Err((reason, detail)) => {
+                    blocked.insert(user, (version, reason, detail));
+                }
+            }
+        }
+
+        // Classify the messages against the views before and after the fold.
+        let before: HashMap<Uuid, i32> = ranges.iter().map(|(u, after, _)| (*u, *after)).collect();
+        for (index, event) in &events {
+            let reached = views.get(&event.user_id).map_or(0, |v| v.version);
+            let had = before.get(&event.user_id).copied().unwrap_or(reached);
+            if event.stream_version <= had {
+                outcome.duplicates += 1;
+                continue;
+            }
+            if event.stream_version <= reached {
+                continue; // applied above
+            }
+            let (reason, detail) = match blocked.get(&event.user_id) {
+                Some((at, reason, detail)) => {
+                    (*reason, format!("user stuck before version {at}: {detail}"))
+                }
+                None => (
+                    Reason::Gap,
+                    format!(
+                        "the log has no version {} of this user yet",
+                        event.stream_version
+                    ),
+                ),
+            };
+            parks.push(Park::new(*index, Some(event), reason, detail));
+        }
+
+        let changed: Vec<&UserView> = changed.keys().filter_map(|id| views.get(id)).collect();
+        rows::upsert_many(&mut tx, &changed).await?;
+        parked::insert(&mut tx, messages, &parks).await?;
+        if mode == Mode::Consume {
+            log::record_progress(&mut tx, messages, &events).await?;
+        }
+
+        let mut marked_ns = None;
+        if !changed.is_empty() {
+            let seq = state::next_batch_seq(&mut tx).await?;
+            let mut epoch = projection.cache_epoch;
+            if let Some(ns) = projection.namespace() {
+                let pending: Vec<(Uuid, i32)> = changed.iter().map(|v| (v.id, v.version)).collect();
+                match self
+                    .cache
+                    .mark(ns, projection.batch_seq, seq, &pending)
+                    .await
+                {
+                    Ok(true) => marked_ns = Some(ns),
+                    Ok(false) => {
+                        metrics::counter!("projector_cache_dropped_total", "why" => "behind")
+                            .increment(1);
+                        tracing::warn!(epoch = ns.epoch, "the Redis namespace lost writes; readers stop trusting it until a fresh one is opened");
+                        epoch = None;
+                    }
+                    Err(error) => {
+                        metrics::counter!("projector_cache_dropped_total", "why" => "unreachable")
+                            .increment(1);
+                        tracing::warn!(error = %error_chain(&error), "Redis could not be told of the batch; readers stop trusting it until a fresh namespace is opened");
+                        epoch = None;
+                    }
+                }
+            }
+            state::record_batch(&mut tx, seq, epoch).await?;
+        }
+        tx.commit().await?;
+        fail::fail_point!("projector::after_commit");
+
+        if let Some(ns) = marked_ns {
+            outcome.cache_marked = true;
+            if let Err(error) = self.cache.put_many(ns, &changed).await {
+                // The entries stay pending: readers miss and read PostgreSQL.
+                metrics::counter!("projector_cache_errors_total").increment(1);
+                tracing::warn!(error = %error_chain(&error), "could not put views in Redis; they stay pending and readers use PostgreSQL");
+            }
+        }
+        outcome.parked = parks.iter().map(|p| (p.index, p.reason)).collect();
+        for park in &parks {
+            metrics::counter!("projector_parked_total", "reason" => park.reason.as_str())
+                .increment(1);
+            tracing::error!(
+                reason = park.reason.as_str(),
+                detail = %park.detail,
+                partition = messages[park.index].partition,
+                offset = messages[park.index].offset,
+                "parked a message that cannot be applied; other users go on"
+            );
+        }
+        Ok(outcome)
+    }
+}

@@ -1,0 +1,137 @@
+//! The projector's reads of the log (through `events_public`, which holds no
+//! secrets) and its per-partition progress.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use events::{DecodeError, IntegrationEvent, PublicRow};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::message::Message;
+
+/// One event of a user's stream, as the log has it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LogEvent {
+    pub global_position: i64,
+    pub stream_id: Uuid,
+    pub stream_version: i32,
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub schema_version: i16,
+    pub payload: serde_json::Value,
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl LogEvent {
+    pub fn decode(&self) -> Result<IntegrationEvent, DecodeError> {
+        IntegrationEvent::from_public_row(PublicRow {
+            global_position: self.global_position,
+            stream_id: self.stream_id,
+            stream_version: self.stream_version,
+            event_id: self.event_id,
+            event_type: self.event_type.clone(),
+            schema_version: self.schema_version,
+            payload: self.payload.clone(),
+            recorded_at: self.recorded_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct Located {
+    event_id: Uuid,
+    stream_id: Uuid,
+    stream_version: i32,
+}
+
+/// Where each of `ids` is in the log: (user, version), for those that are.
+#[tracing::instrument(name = "sql_locate_events", skip_all, fields(events = ids.len()))]
+pub async fn locate(
+    tx: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, (Uuid, i32)>, sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<Located> = sqlx::query_as(
+        "SELECT event_id, stream_id, stream_version FROM events_public WHERE event_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.event_id, (r.stream_id, r.stream_version)))
+        .collect())
+}
+
+/// For each (user, after, upto): that user's events with versions in
+/// (after, upto], by user and version. Every version up to `upto` has
+/// committed: a user's version n+1 is appended only after n committed, and
+/// version `upto` was found in the log in this transaction.
+#[tracing::instrument(name = "sql_read_user_ranges", skip_all, fields(users = ranges.len()))]
+pub async fn read_ranges(
+    tx: &mut PgConnection,
+    ranges: &[(Uuid, i32, i32)],
+) -> Result<Vec<LogEvent>, sqlx::Error> {
+    if ranges.is_empty() {
+        return Ok(Vec::new());
+    }
+    let users: Vec<Uuid> = ranges.iter().map(|r| r.0).collect();
+    let after: Vec<i32> = ranges.iter().map(|r| r.1).collect();
+    let upto: Vec<i32> = ranges.iter().map(|r| r.2).collect();
+    sqlx::query_as(
+        "SELECT e.global_position, e.stream_id, e.stream_version, e.event_id, e.event_type, \
+                e.schema_version, e.payload, e.recorded_at \
+         FROM UNNEST($1::uuid[], $2::int[], $3::int[]) AS w(user_id, after_version, upto_version) \
+         JOIN events_public e ON e.stream_id = w.user_id \
+          AND e.stream_version > w.after_version AND e.stream_version <= w.upto_version \
+         ORDER BY e.stream_id, e.stream_version",
+    )
+    .bind(&users)
+    .bind(&after)
+    .bind(&upto)
+    .fetch_all(tx)
+    .await
+}
+
+/// Records, per partition, the next offset and the highest log position of
+/// the batch, in the batch's transaction.
+#[tracing::instrument(name = "sql_record_partition_progress", skip_all)]
+pub async fn record_progress(
+    tx: &mut PgConnection,
+    messages: &[Message],
+    events: &[(usize, IntegrationEvent)],
+) -> Result<(), sqlx::Error> {
+    let mut progress: BTreeMap<(&str, i32), (i64, i64)> = BTreeMap::new();
+    for message in messages {
+        let entry = progress
+            .entry((message.topic.as_str(), message.partition))
+            .or_insert((0, 0));
+        entry.0 = entry.0.max(message.offset + 1);
+    }
+    for (index, event) in events {
+        let message = &messages[*index];
+        if let Some(entry) = progress.get_mut(&(message.topic.as_str(), message.partition)) {
+            entry.1 = entry.1.max(event.global_position);
+        }
+    }
+    for ((topic, partition), (next_offset, position)) in progress {
+        sqlx::query(
+            "INSERT INTO projector_partitions (topic, partition, next_offset, last_position, updated_at) \
+             VALUES ($1, $2, $3, $4, now()) \
+             ON CONFLICT (topic, partition) DO UPDATE SET \
+               next_offset = GREATEST(projector_partitions.next_offset, EXCLUDED.next_offset), \
+               last_position = GREATEST(projector_partitions.last_position, EXCLUDED.last_position), \
+               updated_at = now()",
+        )
+        .bind(topic)
+        .bind(partition)
+        .bind(next_offset)
+        .bind(position)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
