@@ -75,7 +75,8 @@ return written
 /// A trusted entry, or why not. KEYS[1] = user key, KEYS[2] = through;
 /// ARGV[1] = last committed batch number known to the reader. Returns
 /// {version, body} on a hit, {0} on a miss, {-1} when the namespace is behind.
-const GET: &str = r"
+/// Flagged read-only, so it runs on replicas and during `CLIENT PAUSE WRITE`.
+const GET: &str = r"#!lua flags=no-writes
 local through = tonumber(redis.call('GET', KEYS[2]))
 if not through or through < tonumber(ARGV[1]) then
   return {-1}

@@ -19,6 +19,8 @@ use rdkafka::{ClientConfig, Message};
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
+pub mod read_side;
+
 /// The stack the project's `scripts/stack up` starts; overridable for other hosts.
 pub fn admin_database_url() -> String {
     std::env::var("TEST_DATABASE_URL")
@@ -250,6 +252,29 @@ impl Running {
     pub fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit by itself.
+    pub async fn wait_exit(mut self, deadline: Duration) -> std::process::ExitStatus {
+        eventually("service to exit", deadline, || {
+            let status = self.child.try_wait().ok().flatten();
+            async move { status }
+        })
+        .await
+    }
+
+    /// The metric samples whose line starts with `prefix`, summed.
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .expect("metrics answer")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 
     /// Asks the service to stop (SIGTERM) and waits for it to exit.
