@@ -21,6 +21,10 @@ pub struct Settings {
     pub kafka_topic: String,
     /// `KAFKA_GROUP_ID`, default `userstream-projector`.
     pub kafka_group_id: String,
+    /// `KAFKA_SESSION_TIMEOUT_MS`, default 10 000: how long the group waits
+    /// for a member that stopped heartbeating (a crashed projector) before
+    /// giving its partitions to another.
+    pub kafka_session_timeout_ms: u32,
 }
 
 impl Settings {
@@ -32,6 +36,7 @@ impl Settings {
             kafka_brokers: string("KAFKA_BROKERS", "127.0.0.1:9092"),
             kafka_topic: string("KAFKA_TOPIC", "users.events.v1"),
             kafka_group_id: string("KAFKA_GROUP_ID", "userstream-projector"),
+            kafka_session_timeout_ms: parse("KAFKA_SESSION_TIMEOUT_MS", 10_000)?,
         })
     }
 }

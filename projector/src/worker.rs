@@ -51,6 +51,10 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
         .set("group.id", &settings.kafka_group_id)
         .set("client.id", "userstream-projector")
         .set("auto.offset.reset", "earliest")
+        .set(
+            "session.timeout.ms",
+            settings.kafka_session_timeout_ms.to_string(),
+        )
         .set("enable.auto.commit", "true")
         // Offsets are stored by hand, after the batch's transaction committed.
         .set("enable.auto.offset.store", "false");

@@ -119,3 +119,98 @@ async fn a_consumer_task_that_dies_makes_the_projector_unready_and_exit_non_zero
     let status = projector.wait_exit(DEADLINE).await;
     assert!(!status.success(), "exited with {status}");
 }
+
+/// Appends `users` users of four events each (registered, deactivated,
+/// reactivated, deactivated) straight into the log, one transaction.
+async fn append_users(pool: &sqlx::PgPool, users: i64) {
+    sqlx::query(
+        "WITH u AS (SELECT gen_random_uuid() AS id, n FROM generate_series(1, $1) AS n) \
+         INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload) \
+         SELECT u.id, v.version, gen_random_uuid(), v.event_type, 1, \
+                CASE WHEN v.version = 1 THEN jsonb_build_object( \
+                       'username', 'bulk' || replace(u.id::text, '-', ''), \
+                       'email', replace(u.id::text, '-', '') || '@example.com', \
+                       'password_hash', '$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA') \
+                     ELSE '{\"reason\": null}'::jsonb END \
+         FROM u CROSS JOIN (VALUES (1, 'UserRegistered'), (2, 'UserDeactivated'), \
+                                   (3, 'UserReactivated'), (4, 'UserDeactivated')) AS v(version, event_type) \
+         ORDER BY u.n, v.version",
+    )
+    .bind(users)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Views that differ from a fold of the log done in SQL: the last version,
+/// the status of the last status event, the registered name and address.
+async fn views_unlike_the_log(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar(
+        "WITH folded AS ( \
+           SELECT stream_id, max(stream_version) AS version, \
+                  (array_agg(event_type ORDER BY stream_version DESC))[1] AS last_type, \
+                  max(payload->>'username') AS username, max(payload->>'email') AS email \
+           FROM events GROUP BY stream_id) \
+         SELECT count(*) FROM folded f FULL JOIN user_views v ON v.id = f.stream_id \
+         WHERE v.id IS NULL OR f.stream_id IS NULL OR v.version <> f.version \
+            OR v.username <> f.username OR v.email <> f.email \
+            OR v.status <> CASE f.last_type WHEN 'UserDeactivated' THEN 'deactivated' ELSE 'active' END",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_projector_killed_mid_stream_ends_equal_to_a_fold_of_the_log() {
+    let env = TestEnv::new().await;
+    let _command = env.spawn(Service::CommandApi, &[]).await;
+    // The broker's smallest session: the dead member's partitions move sooner.
+    let session = [("KAFKA_SESSION_TIMEOUT_MS", "6000")];
+    let projector = env.spawn(Service::Projector, &session).await;
+    // 10,000 events in 25 transactions; the projector is killed part-way.
+    for _ in 0..8 {
+        append_users(&env.pool, 100).await;
+    }
+    eventually("the projector to be part-way", DEADLINE, || async {
+        let views: i64 = sqlx::query_scalar("SELECT count(*) FROM user_views")
+            .fetch_one(&env.pool)
+            .await
+            .ok()?;
+        (views > 0).then_some(())
+    })
+    .await;
+    projector.kill();
+    for _ in 8..25 {
+        append_users(&env.pool, 100).await;
+    }
+    let part_way: i64 = sqlx::query_scalar("SELECT coalesce(sum(version), 0) FROM user_views")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert!(
+        part_way < 10_000,
+        "killed before the end ({part_way} applied)"
+    );
+
+    let projector = env.spawn(Service::Projector, &session).await;
+    eventually(
+        "every event to be applied",
+        Duration::from_secs(120),
+        || async {
+            let applied: i64 =
+                sqlx::query_scalar("SELECT coalesce(sum(version), 0) FROM user_views")
+                    .fetch_one(&env.pool)
+                    .await
+                    .ok()?;
+            (applied == 10_000).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(views_unlike_the_log(&env.pool).await, 0);
+    assert_eq!(
+        projector.metric("projector_parked_total").await,
+        0.0,
+        "nothing parked"
+    );
+}
