@@ -63,6 +63,7 @@ impl ReadModel {
         messages: &[Message],
         mode: Mode,
     ) -> Result<Outcome, sqlx::Error> {
+        fail::fail_point!("projector::apply_batch", |_| Err(sqlx::Error::PoolTimedOut));
         let mut outcome = Outcome::default();
         let mut parks: Vec<Park> = Vec::new();
         let mut events: Vec<(usize, IntegrationEvent)> = Vec::new();

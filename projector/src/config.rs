@@ -25,6 +25,10 @@ pub struct Settings {
     /// for a member that stopped heartbeating (a crashed projector) before
     /// giving its partitions to another.
     pub kafka_session_timeout_ms: u32,
+    /// `KAFKA_MAX_POLL_INTERVAL_MS`, default 300 000 (librdkafka's): a
+    /// consumer that does not poll for this long leaves its group. The
+    /// projector keeps polling while it retries, so this bounds only a hang.
+    pub kafka_max_poll_interval_ms: u32,
 }
 
 impl Settings {
@@ -37,6 +41,7 @@ impl Settings {
             kafka_topic: string("KAFKA_TOPIC", "users.events.v1"),
             kafka_group_id: string("KAFKA_GROUP_ID", "userstream-projector"),
             kafka_session_timeout_ms: parse("KAFKA_SESSION_TIMEOUT_MS", 10_000)?,
+            kafka_max_poll_interval_ms: parse("KAFKA_MAX_POLL_INTERVAL_MS", 300_000)?,
         })
     }
 }

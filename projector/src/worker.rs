@@ -55,6 +55,10 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
             "session.timeout.ms",
             settings.kafka_session_timeout_ms.to_string(),
         )
+        .set(
+            "max.poll.interval.ms",
+            settings.kafka_max_poll_interval_ms.to_string(),
+        )
         .set("enable.auto.commit", "true")
         // Offsets are stored by hand, after the batch's transaction committed.
         .set("enable.auto.offset.store", "false");

@@ -94,6 +94,37 @@ async fn poisoned_messages_affect_one_user_at_most_and_a_gap_heals_from_the_log(
 }
 
 #[tokio::test]
+async fn a_long_database_outage_does_not_cost_the_consumer_its_group_membership() {
+    let env = TestEnv::new().await;
+    let http = reqwest::Client::new();
+    let command = env.spawn(Service::CommandApi, &[]).await;
+    // The first 8 attempts at every batch fail, as if PostgreSQL were down:
+    // with backoff that is about 11 s, longer than the 6 s poll interval.
+    let projector = env
+        .spawn(
+            Service::Projector,
+            &[
+                ("FAILPOINTS", "projector::apply_batch=8*return->off"),
+                ("KAFKA_SESSION_TIMEOUT_MS", "6000"),
+                ("KAFKA_MAX_POLL_INTERVAL_MS", "6000"),
+            ],
+        )
+        .await;
+    let query = env.spawn(Service::QueryApi, &[]).await;
+    let ivy = register(&http, &command, "ivy").await;
+    await_version(&http, &query, ivy.id, 1).await;
+    assert!(projector.metric("projector_apply_errors_total").await >= 8.0);
+    // librdkafka reports a consumer that stopped polling as MaxPollExceeded
+    // ("maximum application poll interval exceeded") and leaves the group.
+    let left_group = projector
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("poll interval") || l.contains("MAXPOLL"))
+        .collect::<Vec<_>>();
+    assert!(left_group.is_empty(), "{left_group:#?}");
+}
+
+#[tokio::test]
 async fn a_consumer_task_that_dies_makes_the_projector_unready_and_exit_non_zero() {
     let env = TestEnv::new().await;
     let http = reqwest::Client::new();
