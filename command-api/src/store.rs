@@ -94,7 +94,7 @@ impl EventStore {
     /// The user's events, oldest first.
     #[tracing::instrument(name = "sql_load_stream", skip(self))]
     pub async fn load(&self, stream_id: Uuid) -> Result<Vec<UserEvent>, LoadError> {
-        let rows: Vec<(i64, String, i16, serde_json::Value)> = sqlx::query_as(
+        let rows: Vec<StreamRow> = sqlx::query_as(
             "SELECT global_position, event_type, schema_version, payload \
              FROM events WHERE stream_id = $1 ORDER BY stream_version",
         )
@@ -102,9 +102,13 @@ impl EventStore {
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
-            .map(|(position, event_type, schema_version, payload)| {
-                UserEvent::decode(&event_type, schema_version, payload)
-                    .map_err(|source| LoadError::Decode { position, source })
+            .map(|row| {
+                UserEvent::decode(&row.event_type, row.schema_version, row.payload).map_err(
+                    |source| LoadError::Decode {
+                        position: row.global_position,
+                        source,
+                    },
+                )
             })
             .collect()
     }
@@ -166,21 +170,22 @@ impl EventStore {
     /// The live (unexpired) answer recorded under `key`, if any.
     #[tracing::instrument(name = "sql_stored_answer", skip_all)]
     pub async fn stored_answer(&self, key: &str) -> Result<Option<StoredAnswer>, sqlx::Error> {
-        let row: Option<(String, i16, Uuid, i32, i64)> = sqlx::query_as(
+        let row: Option<AnswerRow> = sqlx::query_as(
             "SELECT fingerprint, status, stream_id, version, position FROM idempotency_keys \
              WHERE key = $1 AND expires_at > now()",
         )
         .bind(key)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(
-            |(fingerprint, status, stream_id, version, position)| StoredAnswer {
-                fingerprint,
-                status: u16::try_from(status).unwrap_or_default(),
-                stream_id,
-                appended: Appended { version, position },
+        Ok(row.map(|row| StoredAnswer {
+            fingerprint: row.fingerprint,
+            status: u16::try_from(row.status).unwrap_or_default(),
+            stream_id: row.stream_id,
+            appended: Appended {
+                version: row.version,
+                position: row.position,
             },
-        ))
+        }))
     }
 
     /// Deletes expired idempotency keys; returns how many.
@@ -191,6 +196,25 @@ impl EventStore {
             .await?;
         Ok(done.rows_affected())
     }
+}
+
+/// One event of a stream as [`EventStore::load`] reads it.
+#[derive(sqlx::FromRow)]
+struct StreamRow {
+    global_position: i64,
+    event_type: String,
+    schema_version: i16,
+    payload: serde_json::Value,
+}
+
+/// A recorded answer as [`EventStore::stored_answer`] reads it.
+#[derive(sqlx::FromRow)]
+struct AnswerRow {
+    fingerprint: String,
+    status: i16,
+    stream_id: Uuid,
+    version: i32,
+    position: i64,
 }
 
 /// Claims `key` first in the transaction: a concurrent request with the same

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::integration::{IntegrationEvent, PublicChange};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UserStatus {
     Active,
@@ -36,7 +36,7 @@ impl UserStatus {
 }
 
 /// What the query API serves for one user.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserView {
     pub id: Uuid,
     /// Normalised (trimmed, lower-case).

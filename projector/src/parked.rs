@@ -101,14 +101,20 @@ pub async fn insert(
     Ok(())
 }
 
+#[derive(sqlx::FromRow)]
+struct ReasonCount {
+    reason: String,
+    count: i64,
+}
+
 /// Parked messages by reason.
 #[tracing::instrument(name = "sql_count_parked", skip_all)]
 pub async fn count_by_reason(pool: &PgPool) -> Result<BTreeMap<String, i64>, sqlx::Error> {
-    let rows: Vec<(String, i64)> =
-        sqlx::query_as("SELECT reason, count(*) FROM projector_parked GROUP BY reason")
+    let rows: Vec<ReasonCount> =
+        sqlx::query_as("SELECT reason, count(*) AS count FROM projector_parked GROUP BY reason")
             .fetch_all(pool)
             .await?;
-    Ok(rows.into_iter().collect())
+    Ok(rows.into_iter().map(|r| (r.reason, r.count)).collect())
 }
 
 #[derive(sqlx::FromRow)]

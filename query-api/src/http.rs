@@ -8,7 +8,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use events::{UserStatus, UserView};
 use platform::http::{error_response, ErrorBody, ErrorDetail};
 use platform::tasks::Tasks;
 use platform::telemetry::error_chain;
@@ -71,7 +70,7 @@ impl IntoResponse for ApiError {
         ("If-None-Match" = Option<String>, Header, description = "`\"<version>\"`: 304 when the view is still at that version"),
     ),
     responses(
-        (status = 200, description = "The user's view", body = UserView, headers(("ETag" = String, description = "The quoted version"))),
+        (status = 200, description = "The user's view", body = UserDocument, headers(("ETag" = String, description = "The quoted version"))),
         (status = 304, description = "Not modified since the version in If-None-Match"),
         (status = 400, description = "The id is not a UUID (`invalid_id`)", body = ErrorBody),
         (status = 404, description = "No such user, or not projected yet (`user_not_found`)", body = ErrorBody),
@@ -157,6 +156,34 @@ fn respond(headers: &HeaderMap, version: i32, body: String) -> Response {
         .into_response()
 }
 
+/// The answer of `GET /users/{id}`: the JSON form of `events::UserView`, which
+/// the read model stores and serves as is. Described here so that the events
+/// crate stays free of HTTP types; the tests validate every answer against it.
+#[derive(utoipa::ToSchema)]
+#[schema(as = UserView)]
+#[allow(dead_code)]
+struct UserDocument {
+    id: uuid::Uuid,
+    /// Normalised (trimmed, lower-case).
+    username: String,
+    /// Normalised (trimmed, lower-case).
+    email: String,
+    status: StatusDocument,
+    /// The user's stream version this view reflects; also the `ETag`.
+    version: i32,
+    registered_at: chrono::DateTime<chrono::Utc>,
+    updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(utoipa::ToSchema)]
+#[schema(as = UserStatus)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum StatusDocument {
+    Active,
+    Deactivated,
+}
+
 /// The query API as served, generated from the handlers' annotations.
 #[derive(utoipa::OpenApi)]
 #[openapi(
@@ -166,7 +193,7 @@ fn respond(headers: &HeaderMap, version: i32, body: String) -> Response {
 Every error answers `{\"error\":{\"code\",\"message\"}}`.",
     ),
     paths(get_user, healthz, readyz, metrics, openapi),
-    components(schemas(UserView, UserStatus, ErrorBody, ErrorDetail))
+    components(schemas(UserDocument, StatusDocument, ErrorBody, ErrorDetail))
 )]
 struct ApiDoc;
 
@@ -211,4 +238,46 @@ async fn readyz(State(state): State<AppState>) -> Response {
         ("cache", Ok(state.gate.describe())),
         ("tasks", state.tasks.check()),
     ]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_view_is_the_shape_the_read_model_serves() {
+        let doc = serde_json::to_value(<ApiDoc as utoipa::OpenApi>::openapi()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        assert_eq!(
+            schemas["UserStatus"]["enum"],
+            serde_json::json!(["active", "deactivated"])
+        );
+        let view = events::UserView {
+            id: Uuid::new_v4(),
+            username: "ada".into(),
+            email: "ada@example.com".into(),
+            status: events::UserStatus::Deactivated,
+            version: 2,
+            registered_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+        };
+        let served = serde_json::to_value(&view).unwrap();
+        let mut documented: Vec<&str> = schemas["UserView"]["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut fields: Vec<&str> = served
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        documented.sort_unstable();
+        fields.sort_unstable();
+        assert_eq!(documented, fields);
+        let required = schemas["UserView"]["required"].as_array().unwrap().len();
+        assert_eq!(required, fields.len());
+    }
 }

@@ -49,23 +49,34 @@ pub async fn read_batch(
         .collect()
 }
 
+#[derive(sqlx::FromRow)]
+struct CheckpointRow {
+    transaction_id: i64,
+    global_position: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct LagRow {
+    events: i64,
+    seconds: Option<f64>,
+}
+
 #[tracing::instrument(name = "sql_load_checkpoint", skip(conn))]
 pub async fn load_checkpoint(
     conn: &mut PgConnection,
     relay: &str,
 ) -> Result<Checkpoint, sqlx::Error> {
-    let row: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT transaction_id::text::bigint, global_position FROM relay_checkpoints WHERE relay = $1",
+    let row: Option<CheckpointRow> = sqlx::query_as(
+        "SELECT transaction_id::text::bigint AS transaction_id, global_position \
+         FROM relay_checkpoints WHERE relay = $1",
     )
     .bind(relay)
     .fetch_optional(conn)
     .await?;
-    Ok(
-        row.map_or(Checkpoint::default(), |(xid, position)| Checkpoint {
-            transaction_id: xid,
-            global_position: position,
-        }),
-    )
+    Ok(row.map_or(Checkpoint::default(), |row| Checkpoint {
+        transaction_id: row.transaction_id,
+        global_position: row.global_position,
+    }))
 }
 
 #[tracing::instrument(name = "sql_save_checkpoint", skip(conn))]
@@ -93,8 +104,9 @@ pub async fn save_checkpoint(
 pub async fn lag(pool: &PgPool, relay: &str) -> Result<Lag, sqlx::Error> {
     let mut conn = pool.acquire().await?;
     let checkpoint = load_checkpoint(&mut conn, relay).await?;
-    let (events, seconds): (i64, Option<f64>) = sqlx::query_as(
-        "SELECT count(*), EXTRACT(EPOCH FROM now() - min(recorded_at))::float8 FROM events \
+    let row: LagRow = sqlx::query_as(
+        "SELECT count(*) AS events, EXTRACT(EPOCH FROM now() - min(recorded_at))::float8 AS seconds \
+         FROM events \
          WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2)",
     )
     .bind(checkpoint.transaction_id)
@@ -102,7 +114,7 @@ pub async fn lag(pool: &PgPool, relay: &str) -> Result<Lag, sqlx::Error> {
     .fetch_one(&mut *conn)
     .await?;
     Ok(Lag {
-        events,
-        seconds: seconds.unwrap_or(0.0).max(0.0),
+        events: row.events,
+        seconds: row.seconds.unwrap_or(0.0).max(0.0),
     })
 }
