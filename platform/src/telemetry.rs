@@ -11,15 +11,30 @@ use tracing_subscriber::{fmt, EnvFilter};
 /// `RUST_LOG` filters (default `info`); `LOG_FORMAT=json` switches to one JSON
 /// object per line, which is what the end-to-end tests and log shippers read.
 pub fn init() {
+    install(false);
+}
+
+/// [`init`] for one-shot commands (`projector status`, …): logs go to stderr,
+/// so stdout carries only the command's own output (JSON a tool can parse).
+pub fn init_for_command() {
+    install(true);
+}
+
+fn install(to_stderr: bool) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let builder = fmt().with_env_filter(filter).with_target(true);
     // A second init (tests in one process) is not an error worth failing over.
-    let _ = if json {
-        builder.json().flatten_event(true).try_init()
-    } else {
-        builder.try_init()
+    let _ = match (json, to_stderr) {
+        (true, false) => builder.json().flatten_event(true).try_init(),
+        (true, true) => builder
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .try_init(),
+        (false, false) => builder.try_init(),
+        (false, true) => builder.with_writer(std::io::stderr).try_init(),
     };
     metrics_handle();
 }
@@ -31,7 +46,20 @@ pub async fn run_service(
     service: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     init();
-    let result = service.await;
+    log_failure(name, service.await)
+}
+
+/// [`run_service`] for a one-shot command: logs go to stderr
+/// ([`init_for_command`]).
+pub async fn run_command(
+    name: &str,
+    command: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    init_for_command();
+    log_failure(name, command.await)
+}
+
+fn log_failure(name: &str, result: anyhow::Result<()>) -> anyhow::Result<()> {
     if let Err(error) = &result {
         tracing::error!(
             error = format!("{error:#}"),

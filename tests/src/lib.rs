@@ -187,6 +187,65 @@ impl TestEnv {
     }
 }
 
+impl TestEnv {
+    /// Runs a service binary with `args` (a subcommand such as `verify`) and
+    /// this test's environment (plus `extra`), and waits for it to exit,
+    /// killing it after `deadline`.
+    pub async fn run(
+        &self,
+        service: Service,
+        args: &[&str],
+        extra: &[(&str, &str)],
+        deadline: Duration,
+    ) -> Finished {
+        let path = binary(service.binary());
+        let mut command = tokio::process::Command::new(&path);
+        command
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(self.service_env())
+            .envs(extra.iter().copied())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let output = tokio::time::timeout(deadline, command.output())
+            .await
+            .unwrap_or_else(|_| panic!("{} {args:?} ran past {deadline:?}", service.binary()))
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()));
+        Finished {
+            status: output.status,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+/// What a command run by [`TestEnv::run`] did.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: std::process::ExitStatus,
+    /// The command's output (logs go to stderr).
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Finished {
+    /// Panics, showing the output, unless the command exited 0.
+    pub fn assert_success(&self) {
+        assert!(
+            self.status.success(),
+            "exited with {}:\n{self}",
+            self.status
+        );
+    }
+}
+
+impl std::fmt::Display for Finished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stdout:\n{}\nstderr:\n{}", self.stdout, self.stderr)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Service {
     CommandApi,
