@@ -67,7 +67,7 @@ impl Settings {
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
         Ok(Self {
             bind_addr: parse("BIND_ADDR", SocketAddr::from(([127, 0, 0, 1], 3001)))?,
-            database: DatabaseSettings::from_env(20)?,
+            database: DatabaseSettings::from_env(20, "userstream_command")?,
             admin_token: admin_token.into(),
             hash_concurrency: parse("HASH_CONCURRENCY", cores)?.max(1),
             request_timeout: Duration::from_millis(parse("REQUEST_TIMEOUT_MS", 10_000)?),

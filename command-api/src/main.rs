@@ -1,6 +1,8 @@
 use anyhow::Context;
 use command_api::config::Settings;
 use command_api::startup::{self, Application};
+use platform::db::DatabaseSettings;
+use std::time::Duration;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -8,16 +10,26 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let settings = Settings::from_env().context("invalid settings")?;
     match std::env::args().nth(1).as_deref() {
-        // `command-api migrate`: apply the migrations and exit.
+        // `command-api migrate`: apply the migrations as the owner role and exit.
         Some("migrate") => {
-            let pool = startup::connect(&settings).await?;
+            let owner = DatabaseSettings {
+                url: platform::config::string(
+                    "MIGRATION_DATABASE_URL",
+                    &platform::db::dev_database_url("userstream_owner"),
+                )
+                .into(),
+                max_connections: 2,
+            };
+            let pool = owner
+                .connect(Duration::from_secs(5), "command-api-migrate")
+                .await?;
             startup::migrate(&pool).await?;
             tracing::info!("migrations applied");
             Ok(())
         }
         None | Some("serve") => {
+            let settings = Settings::from_env().context("invalid settings")?;
             Application::build(settings)
                 .await?
                 .run_until_stopped()

@@ -39,6 +39,7 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
 }
 
 /// Applies pending migrations (concurrent callers serialise on sqlx's lock).
+/// Run as the owner role (`command-api migrate`), never as a service's role.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR
         .run(pool)
@@ -46,12 +47,34 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
         .context("cannot apply the migrations")
 }
 
+/// Refuses to start on a database that lacks migrations this build needs:
+/// the service's role cannot apply them, the owner must (`command-api migrate`).
+#[tracing::instrument(name = "sql_check_migrations", skip_all)]
+pub async fn ensure_migrated(pool: &PgPool) -> anyhow::Result<()> {
+    let needed = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+    let applied: Option<i64> = sqlx::query_scalar(
+        "SELECT max(version) FROM _sqlx_migrations WHERE success",
+    )
+    .fetch_one(pool)
+    .await
+    .context(
+        "cannot read the applied migrations (run `command-api migrate` as the owner role first)",
+    )?;
+    let applied = applied.unwrap_or(0);
+    anyhow::ensure!(
+        applied >= needed,
+        "the database is migrated to {applied}, this build needs {needed}: run `command-api migrate` (MIGRATION_DATABASE_URL, the owner role)"
+    );
+    Ok(())
+}
+
 impl Application {
-    /// Connects, migrates, binds the listener (port 0 picks a free one) and
-    /// prepares the relay; nothing is served until [`Self::run_until_stopped`].
+    /// Connects, checks the schema, binds the listener (port 0 picks a free
+    /// one) and prepares the relay; nothing is served until
+    /// [`Self::run_until_stopped`].
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let pool = connect(&settings).await?;
-        migrate(&pool).await?;
+        ensure_migrated(&pool).await?;
         let status = RelayStatus::default();
         let lag_monitor = settings
             .relay

@@ -9,8 +9,11 @@ use sqlx::PgPool;
 
 use crate::config::{parse, string, InvalidSetting};
 
-/// Local development default; production sets DATABASE_URL.
-pub const DEV_DATABASE_URL: &str = "postgres://userstream:userstream@127.0.0.1:5432/userstream";
+/// The local development URL of a service's role (scripts/stack creates each
+/// role with its own name as password); production sets DATABASE_URL.
+pub fn dev_database_url(role: &str) -> String {
+    format!("postgres://{role}:{role}@127.0.0.1:5432/userstream")
+}
 
 #[derive(Debug, Clone)]
 pub struct DatabaseSettings {
@@ -21,10 +24,10 @@ pub struct DatabaseSettings {
 }
 
 impl DatabaseSettings {
-    /// Reads the variables; the pool size default differs by service.
-    pub fn from_env(default_max_connections: u32) -> Result<Self, InvalidSetting> {
+    /// Reads the variables; the pool size and the role differ by service.
+    pub fn from_env(default_max_connections: u32, role: &str) -> Result<Self, InvalidSetting> {
         Ok(Self {
-            url: string("DATABASE_URL", DEV_DATABASE_URL).into(),
+            url: string("DATABASE_URL", &dev_database_url(role)).into(),
             max_connections: parse("DATABASE_MAX_CONNECTIONS", default_max_connections)?,
         })
     }

@@ -35,7 +35,7 @@ impl Settings {
     pub fn from_env() -> Result<Self, InvalidSetting> {
         Ok(Self {
             bind_addr: parse("BIND_ADDR", SocketAddr::from(([127, 0, 0, 1], 3003)))?,
-            database: DatabaseSettings::from_env(10)?,
+            database: DatabaseSettings::from_env(10, "userstream_projector")?,
             cache: CacheSettings::from_env(Duration::from_millis(200))?,
             kafka_brokers: string("KAFKA_BROKERS", "127.0.0.1:9092"),
             kafka_topic: string("KAFKA_TOPIC", "users.events.v1"),

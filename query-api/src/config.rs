@@ -24,7 +24,7 @@ impl Settings {
     pub fn from_env() -> Result<Self, InvalidSetting> {
         Ok(Self {
             bind_addr: parse("BIND_ADDR", SocketAddr::from(([127, 0, 0, 1], 3002)))?,
-            database: DatabaseSettings::from_env(20)?,
+            database: DatabaseSettings::from_env(20, "userstream_query")?,
             cache: CacheSettings::from_env(Duration::from_millis(50))?,
             request_timeout: Duration::from_millis(parse("REQUEST_TIMEOUT_MS", 5_000)?),
         })

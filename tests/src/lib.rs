@@ -76,21 +76,29 @@ impl TestEnv {
         let mut admin = PgConnection::connect(&admin_url)
             .await
             .expect("PostgreSQL is reachable (run `scripts/stack up`)");
-        sqlx::query(&format!("CREATE DATABASE {database_name}"))
-            .execute(&mut admin)
-            .await
-            .expect("the test role may create databases");
+        sqlx::query(&format!(
+            "CREATE DATABASE {database_name} OWNER {}",
+            Role::Owner.name()
+        ))
+        .execute(&mut admin)
+        .await
+        .expect("the test role may create databases");
         admin.close().await.ok();
         let database_url = match admin_url.rsplit_once('/') {
             Some((server, _)) => format!("{server}/{database_name}"),
             None => panic!("TEST_DATABASE_URL has no database name: {admin_url}"),
         };
+        // Migrations run as the owner role, as `command-api migrate` does.
+        let owner = PgPool::connect(&role_url(&database_url, Role::Owner))
+            .await
+            .expect("the owner role logs in (scripts/stack creates it)");
+        command_api::startup::migrate(&owner)
+            .await
+            .expect("migrations apply");
+        owner.close().await;
         let pool = PgPool::connect(&database_url)
             .await
             .expect("connect to the test database");
-        command_api::startup::migrate(&pool)
-            .await
-            .expect("migrations apply");
         Self {
             database_name,
             database_url,
@@ -101,10 +109,15 @@ impl TestEnv {
         }
     }
 
-    /// The environment every service of this test shares.
-    fn service_env(&self) -> BTreeMap<&'static str, String> {
+    /// The URL of this test's database as `role`.
+    pub fn url_as(&self, role: Role) -> String {
+        role_url(&self.database_url, role)
+    }
+
+    /// The environment of `service` in this test: its own database role.
+    fn service_env(&self, service: Service) -> BTreeMap<&'static str, String> {
         BTreeMap::from([
-            ("DATABASE_URL", self.database_url.clone()),
+            ("DATABASE_URL", self.url_as(service.role())),
             ("REDIS_URL", redis_url()),
             ("REDIS_KEY_PREFIX", self.redis_prefix.clone()),
             ("KAFKA_BROKERS", kafka_brokers()),
@@ -125,7 +138,7 @@ impl TestEnv {
         command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(self.service_env())
+            .envs(self.service_env(service))
             .envs(extra.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -204,7 +217,7 @@ impl TestEnv {
             .args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(self.service_env())
+            .envs(self.service_env(service))
             .envs(extra.iter().copied())
             .stdin(Stdio::null())
             .kill_on_drop(true);
@@ -246,6 +259,39 @@ impl std::fmt::Display for Finished {
     }
 }
 
+/// The PostgreSQL roles of migrations/*_roles.sql.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Owner,
+    Command,
+    Projector,
+    Query,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Owner => "userstream_owner",
+            Self::Command => "userstream_command",
+            Self::Projector => "userstream_projector",
+            Self::Query => "userstream_query",
+        }
+    }
+}
+
+/// `database_url` with `role`'s credentials: the local development password
+/// is the role's name (scripts/stack), `TEST_<ROLE>_PASSWORD` overrides it.
+pub fn role_url(database_url: &str, role: Role) -> String {
+    let (scheme, rest) = database_url.split_once("://").expect("a postgres:// URL");
+    let server_and_db = rest.rsplit_once('@').map_or(rest, |(_, after)| after);
+    let variable = format!(
+        "TEST_{}_PASSWORD",
+        role.name().trim_start_matches("userstream_").to_uppercase()
+    );
+    let password = std::env::var(variable).unwrap_or_else(|_| role.name().to_owned());
+    format!("{scheme}://{}:{password}@{server_and_db}", role.name())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Service {
     CommandApi,
@@ -254,6 +300,15 @@ pub enum Service {
 }
 
 impl Service {
+    /// The database role the service connects as.
+    pub fn role(self) -> Role {
+        match self {
+            Self::CommandApi => Role::Command,
+            Self::Projector => Role::Projector,
+            Self::QueryApi => Role::Query,
+        }
+    }
+
     pub fn binary(self) -> &'static str {
         match self {
             Self::CommandApi => "command-api",

@@ -211,6 +211,10 @@ fn compose_every_service_has_a_healthcheck() {
     assert!(!services.is_empty());
     for (name, service) in services {
         let name = scalar(name).unwrap_or_default();
+        if service["restart"].as_str() == Some("no") {
+            // A one-shot job (the migrations): it exits, it is never "healthy".
+            continue;
+        }
         let healthcheck = &service["healthcheck"];
         assert!(
             healthcheck.is_mapping(),
@@ -471,4 +475,65 @@ fn dockerignore_keeps_build_output_local_state_and_git_out_of_the_context() {
             ".dockerignore must list {entry}"
         );
     }
+}
+
+#[test]
+fn compose_migrates_as_the_owner_before_any_service_starts() {
+    let compose = compose();
+    let migrate = service(&compose, "migrate");
+    let command: Vec<String> = migrate["command"]
+        .as_sequence()
+        .expect("migrate has a command")
+        .iter()
+        .filter_map(scalar)
+        .collect();
+    assert_eq!(command, ["command-api", "migrate"]);
+    let url = env_var(&compose, "migrate", "MIGRATION_DATABASE_URL");
+    assert!(url.starts_with("postgres://userstream_owner:"), "{url}");
+    for (name, _) in APPS {
+        assert_eq!(
+            service(&compose, name)["depends_on"]["migrate"]["condition"].as_str(),
+            Some("service_completed_successfully"),
+            "{name} must start after the migrations"
+        );
+    }
+    let init = read("stack/postgres/init-roles.sql");
+    for role in [
+        "userstream_owner",
+        "userstream_command",
+        "userstream_projector",
+        "userstream_query",
+    ] {
+        assert!(
+            init.contains(&format!("CREATE ROLE {role} LOGIN")),
+            "{role}"
+        );
+    }
+}
+
+#[test]
+fn compose_gives_each_service_its_own_database_role() {
+    let compose = compose();
+    let expected = [
+        ("command-api", "userstream_command"),
+        ("query-api", "userstream_query"),
+        ("projector", "userstream_projector"),
+    ];
+    for (name, role) in expected {
+        let url = env_var(&compose, name, "DATABASE_URL");
+        let user = url
+            .trim_start_matches("postgres://")
+            .split([':', '@'])
+            .next()
+            .unwrap_or_default();
+        assert_eq!(user, role, "{name}: DATABASE_URL {url:?}");
+        assert!(
+            env_var_opt(&compose, name, "MIGRATION_DATABASE_URL").is_none(),
+            "{name} must not hold the owner's credentials"
+        );
+    }
+}
+
+fn env_var_opt(compose: &Value, name: &str, var: &str) -> Option<String> {
+    environment(service(compose, name)).get(var).cloned()
 }
