@@ -515,12 +515,16 @@ async fn the_fold_reports_an_impossible_transition_and_folds_everyone_else() {
     drop(conn);
 
     // Leftovers of failed runs are replaced.
+    // Leftovers of a failed run are the projector role's own tables.
+    let projector_role = sqlx::PgPool::connect(&env.url_as(userstream_tests::Role::Projector))
+        .await
+        .unwrap();
     sqlx::query("CREATE TABLE user_views_g2 (junk int)")
-        .execute(&env.pool)
+        .execute(&projector_role)
         .await
         .unwrap();
     sqlx::query("CREATE TABLE user_views_g0_retired (junk int)")
-        .execute(&env.pool)
+        .execute(&projector_role)
         .await
         .unwrap();
     let rebuilt = env
