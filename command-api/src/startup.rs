@@ -128,9 +128,11 @@ impl Application {
             tokio::spawn(status.monitor_lag(pool, relay_name, LAG_EVERY, shutdown.clone()));
         }
         tokio::spawn(sweep_idempotency_keys(self.store, shutdown));
+        // Handlers first: a signal right after "listening" must not be lost.
+        let signal = platform::shutdown::signal();
         tracing::info!(%addr, service = "command-api", "listening");
         let served = platform::http::serve(self.listener, self.router, async move {
-            platform::shutdown::signal().await;
+            signal.await;
             trigger.fire();
         })
         .await;

@@ -17,7 +17,7 @@ use read_model::{ViewCache, ViewRows};
 use crate::batch::ReadModel;
 use crate::config::Settings;
 use crate::worker::Worker;
-use crate::{keeper, parked};
+use crate::{keeper, parked, status};
 
 /// How long a graceful stop waits for the consumer to commit its offsets.
 const STOP_WAIT: Duration = Duration::from_secs(10);
@@ -27,6 +27,7 @@ pub struct Application {
     router: Router,
     worker: Worker,
     model: ReadModel,
+    settings: Settings,
     tasks: Tasks,
     shutdown: Shutdown,
 }
@@ -73,6 +74,7 @@ impl Application {
             router: platform::http::layers(router, Duration::from_secs(5)),
             worker,
             model,
+            settings,
             tasks,
             shutdown,
         })
@@ -92,12 +94,22 @@ impl Application {
             "cache_keeper",
             keeper::run_until_stopped(self.model.clone(), tasks.shutdown()),
         );
+        tasks.spawn(
+            "status_metrics",
+            status::publish_until_stopped(
+                self.model.rows.pool().clone(),
+                self.settings,
+                tasks.shutdown(),
+            ),
+        );
+        // Handlers first: a signal right after "listening" must not be lost.
+        let signal = platform::shutdown::signal();
         tracing::info!(%addr, service = "projector", "listening");
         let stopper = tasks.clone();
         let mut stopped = self.shutdown.clone();
         let served = platform::http::serve(self.listener, self.router, async move {
             tokio::select! {
-                () = platform::shutdown::signal() => stopper.stop(),
+                () = signal => stopper.stop(),
                 () = stopped.requested() => {}
             }
         })

@@ -253,3 +253,61 @@ impl fmt::Display for Status {
         }
     }
 }
+
+/// How often the running projector publishes [`collect`]'s figures as gauges.
+pub const PUBLISH_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Sets the `/metrics` gauges from one [`Status`]: the same figures
+/// `projector status` prints.
+pub fn publish(status: &Status) {
+    metrics::gauge!("projector_projection_version").set(f64::from(status.projection_version));
+    metrics::gauge!("projector_batch_seq").set(status.batch_seq as f64);
+    if let Some(position) = status.last_applied_position {
+        metrics::gauge!("projector_last_applied_position").set(position as f64);
+    }
+    if let Some(position) = status.log_position {
+        metrics::gauge!("projector_log_position").set(position as f64);
+    }
+    for reason in [
+        "undecodable",
+        "unknown_type",
+        "not_in_log",
+        "invalid_transition",
+        "gap",
+    ] {
+        let count = status.parked.get(reason).copied().unwrap_or(0);
+        metrics::gauge!("projector_parked_messages", "reason" => reason).set(count as f64);
+    }
+    for partition in &status.partitions {
+        if let Some(lag) = partition.lag {
+            metrics::gauge!("projector_partition_lag", "partition" => partition.partition.to_string())
+                .set(lag as f64);
+        }
+    }
+    metrics::gauge!("projector_kafka_reachable").set(if status.kafka.reachable {
+        1.0
+    } else {
+        0.0
+    });
+}
+
+/// Publishes the status every [`PUBLISH_EVERY`] until shutdown.
+pub async fn publish_until_stopped(
+    pool: PgPool,
+    settings: Settings,
+    mut shutdown: platform::shutdown::Shutdown,
+) {
+    loop {
+        match collect(&pool, &settings).await {
+            Ok(status) => publish(&status),
+            Err(error) => tracing::warn!(
+                error = %platform::telemetry::error_chain(&error),
+                "cannot collect the projector status for /metrics"
+            ),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(PUBLISH_EVERY) => {}
+            () = shutdown.requested() => return,
+        }
+    }
+}

@@ -64,12 +64,14 @@ impl Application {
                 .clone()
                 .run_until_stopped(self.state.rows.pool().clone(), tasks.shutdown()),
         );
+        // Handlers first: a signal right after "listening" must not be lost.
+        let signal = platform::shutdown::signal();
         tracing::info!(%addr, service = "query-api", "listening");
         let stopper = tasks.clone();
         let mut stopped = self.shutdown;
         let served = platform::http::serve(self.listener, self.router, async move {
             tokio::select! {
-                () = platform::shutdown::signal() => stopper.stop(),
+                () = signal => stopper.stop(),
                 () = stopped.requested() => {}
             }
         })

@@ -91,6 +91,19 @@ async fn poisoned_messages_affect_one_user_at_most_and_a_gap_heals_from_the_log(
     );
     assert_eq!(projector.metric("projector_parked_total").await, 2.0);
     assert!(projector.metric("projector_events_healed_total").await >= 1.0);
+
+    // `projector status` and the gauges it feeds report the same.
+    let status = env
+        .run(Service::Projector, &["status", "--json"], &[], DEADLINE)
+        .await;
+    status.assert_success();
+    let status: Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(status["parked_total"], 2, "{status}");
+    assert_eq!(status["parked"]["not_in_log"], 1, "{status}");
+    eventually("the parked gauge", DEADLINE, || async {
+        (projector.metric("projector_parked_messages").await == 2.0).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
