@@ -8,9 +8,16 @@
 //!    same concurrency.
 //! 3. Relay drain of a 200,000-event backlog vs a plain librdkafka producer
 //!    sending the same messages to the same broker.
+//! 4. Projection of a published 200,000-event backlog, and 5. `projector
+//!    rebuild` of a 1,000,000-event log, each vs a plain client reading the
+//!    same log from PostgreSQL.
+//! 6. End-to-end visibility (command answered → query API shows it) at half
+//!    the maximum command rate, with every service running.
 
+mod projection;
 mod relay;
 mod stats;
+mod visibility;
 mod writes;
 
 use std::time::Duration;
@@ -25,8 +32,14 @@ pub struct Plan {
     pub seconds: u64,
     /// `BENCH_EVENTS`: backlog size for the relay, default 200,000.
     pub backlog: i64,
-    /// `BENCH_ONLY`: `registration`, `status` or `relay` to run one scenario.
+    /// `BENCH_REBUILD_EVENTS`: log size for `projector rebuild`, default 1,000,000.
+    pub rebuild_events: i64,
+    /// `BENCH_ONLY`: `registration`, `status`, `relay`, `projection`,
+    /// `rebuild` or `visibility` to run one scenario.
     pub only: Option<String>,
+    /// `BENCH_KEEP=1`: keep the read-side scenarios' databases and topics
+    /// (they are dropped after each run otherwise).
+    pub keep: bool,
 }
 
 impl Plan {
@@ -51,7 +64,9 @@ async fn main() -> anyhow::Result<()> {
         runs: env_or("BENCH_RUNS", 3),
         seconds: env_or("BENCH_SECONDS", 10),
         backlog: env_or("BENCH_EVENTS", 200_000),
+        rebuild_events: env_or("BENCH_REBUILD_EVENTS", 1_000_000),
         only: std::env::var("BENCH_ONLY").ok(),
+        keep: env_or("BENCH_KEEP", 0) == 1,
     };
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     println!(
@@ -97,6 +112,82 @@ async fn main() -> anyhow::Result<()> {
             r.events
         );
         drains.push(r);
+    }
+    let mut projections = Vec::new();
+    for run in 1..=plan.runs("projection") {
+        let r = projection::projection(&plan, run).await?;
+        println!(
+            "  projection run {run}: {:.0} events/s vs plain scan {:.0}/s = {:.1}% ({} events, {:.1} s, {} batches of {:.0} on average)",
+            r.rate,
+            r.scan,
+            100.0 * r.rate / r.scan,
+            r.events,
+            r.seconds,
+            r.batches,
+            r.events as f64 / r.batches.max(1) as f64
+        );
+        println!("    load average {:.1}", load_average());
+        projections.push(r);
+    }
+    let mut rebuilds = Vec::new();
+    for run in 1..=plan.runs("rebuild") {
+        let r = projection::rebuild(&plan, run).await?;
+        println!(
+            "  rebuild run {run}: {:.0} events/s vs plain scan {:.0}/s = {:.1}% ({} events in {:.1} s)",
+            r.rate,
+            r.scan,
+            100.0 * r.rate / r.scan,
+            r.events,
+            r.seconds
+        );
+        println!("    load average {:.1}", load_average());
+        rebuilds.push(r);
+    }
+    let mut visibilities = Vec::new();
+    for run in 1..=plan.runs("visibility") {
+        let r = visibility::visibility(&plan, run).await?;
+        println!(
+            "  visibility run {run}: max {:.0} commands/s ({:.0}/s until projected), paced at {:.0}/s (target {:.0}): visible after p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} of {} commands probed, {} timeouts, {} failed; probes read {:.0}/s; command p50 {:.2} ms, p99 {:.2} ms)",
+            r.max_rate,
+            r.sustained,
+            r.rate,
+            r.target,
+            ms(r.p50),
+            ms(r.p99),
+            ms(r.max),
+            r.probed,
+            r.answered,
+            r.timeouts,
+            r.failures,
+            r.probe_reads,
+            ms(r.command_p50),
+            ms(r.command_p99)
+        );
+        println!(
+            "    write transactions of other databases open > 10 ms in {:.0}% of samples, oldest {:.0} ms; {} probes not held up by one: p50 {:.2} ms, p99 {:.2} ms; load average {:.1}",
+            100.0 * r.foreign_busy,
+            ms(r.foreign_max),
+            r.undisturbed,
+            ms(r.undisturbed_p50),
+            ms(r.undisturbed_p99),
+            load_average()
+        );
+        println!(
+            "    relay: {:.0} batches/s ({:.1} events each), {:.1} ms from queued to checkpointed on average; projector: {:.0} batches/s ({:.1} events each)",
+            r.relay_batches,
+            r.rate / r.relay_batches.max(1e-9),
+            ms(r.relay_batch_time),
+            r.projector_batches,
+            r.rate / r.projector_batches.max(1e-9)
+        );
+        if let Some((relayed, projected)) = r.stages {
+            println!(
+                "    stages (medians from the answer): relay checkpoint past the event {:.2} ms, view row in PostgreSQL {:.2} ms",
+                ms(relayed),
+                ms(projected)
+            );
+        }
+        visibilities.push(r);
     }
 
     let verdict = |ok: bool| if ok { "meets goal" } else { "BELOW GOAL" };
@@ -157,7 +248,73 @@ async fn main() -> anyhow::Result<()> {
             verdict(ratio >= 0.50)
         );
     }
+    if !projections.is_empty() {
+        let rate = median(&projections.iter().map(|r| r.rate).collect::<Vec<_>>());
+        let ratio = median(
+            &projections
+                .iter()
+                .map(|r| r.rate / r.scan)
+                .collect::<Vec<_>>(),
+        );
+        println!(
+            "  projection rate                    {:>6.0}/s  goal >= 10000 {}",
+            rate,
+            verdict(rate >= 10_000.0)
+        );
+        println!(
+            "  projection / plain log scan        {:>6.1}%   (context)",
+            100.0 * ratio
+        );
+    }
+    if !rebuilds.is_empty() {
+        let rate = median(&rebuilds.iter().map(|r| r.rate).collect::<Vec<_>>());
+        let ratio = median(&rebuilds.iter().map(|r| r.rate / r.scan).collect::<Vec<_>>());
+        println!(
+            "  rebuild rate                       {:>6.0}/s  goal >= 100000 {}",
+            rate,
+            verdict(rate >= 100_000.0)
+        );
+        println!(
+            "  rebuild / plain log scan           {:>6.1}%   (context)",
+            100.0 * ratio
+        );
+    }
+    if !visibilities.is_empty() {
+        let of = |f: fn(&visibility::Visibility) -> f64| {
+            median(&visibilities.iter().map(f).collect::<Vec<_>>())
+        };
+        let p50 = of(|r| ms(r.p50));
+        let p99 = of(|r| ms(r.p99));
+        println!(
+            "  max status commands/s (all running) {:>5.0}/s  paced at {:.0}/s",
+            of(|r| r.max_rate),
+            of(|r| r.rate)
+        );
+        println!(
+            "  visibility p50                     {:>6.2} ms goal <= 10 ms {}",
+            p50,
+            verdict(p50 <= 10.0)
+        );
+        println!(
+            "  visibility p99                     {:>6.2} ms goal <= 50 ms {}",
+            p99,
+            verdict(p99 <= 50.0)
+        );
+    }
     Ok(())
+}
+
+/// The 1-minute load average: the machine is shared, and a figure taken
+/// while others compile is worth less than one taken on a quiet machine.
+pub fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 /// How long a bench waits for a service or a backlog before giving up.

@@ -117,9 +117,9 @@ async fn plain_producer(env: &TestEnv, topic: &str) -> anyhow::Result<f64> {
     Ok(messages.len() as f64 / started.elapsed().as_secs_f64())
 }
 
-pub async fn drain(plan: &Plan, run: usize) -> anyhow::Result<Drain> {
-    let env = TestEnv::new().await;
-    let users = plan.backlog / 4;
+/// Writes a log of `users` × 4 events (see [`SEED`]) in four transactions,
+/// one per version, and returns the last position.
+pub async fn seed_log(env: &TestEnv, users: i64) -> anyhow::Result<i64> {
     for version in 1..=4 {
         sqlx::query(SEED)
             .bind(users)
@@ -131,9 +131,16 @@ pub async fn drain(plan: &Plan, run: usize) -> anyhow::Result<Drain> {
     sqlx::query("VACUUM ANALYZE events")
         .execute(&env.pool)
         .await?;
-    let last: i64 = sqlx::query_scalar("SELECT max(global_position) FROM events")
-        .fetch_one(&env.pool)
-        .await?;
+    Ok(
+        sqlx::query_scalar("SELECT max(global_position) FROM events")
+            .fetch_one(&env.pool)
+            .await?,
+    )
+}
+
+pub async fn drain(plan: &Plan, run: usize) -> anyhow::Result<Drain> {
+    let env = TestEnv::new().await;
+    let last = seed_log(&env, plan.backlog / 4).await?;
 
     let plain = plain_producer(&env, &format!("{}.plain{run}", env.topic)).await?;
 

@@ -18,9 +18,9 @@ use crate::Plan;
 /// hashers never wait for work.
 const REGISTER_CLIENTS: usize = 16;
 /// Concurrent status-changing clients, for the API and for pgbench alike.
-const STATUS_CLIENTS: usize = 8;
+pub const STATUS_CLIENTS: usize = 8;
 /// Users each status client owns (clients never touch each other's users).
-const USERS_PER_CLIENT: usize = 50;
+pub const USERS_PER_CLIENT: usize = 50;
 
 pub struct Registration {
     pub throughput: f64,
@@ -163,11 +163,11 @@ pub async fn registration(plan: &Plan, run: usize) -> anyhow::Result<Registratio
 }
 
 /// The id of bench user `n`, computed the same way in SQL (see [`SEED`]).
-fn bench_user(n: usize) -> String {
+pub fn bench_user(n: usize) -> String {
     format!("00000000-0000-4000-8000-{n:012x}")
 }
 
-const SEED: &str = "INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload) \
+pub const SEED: &str = "INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload) \
     SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(n), 12, '0'))::uuid, 1, gen_random_uuid(), \
            'UserRegistered', 1, jsonb_build_object('username', 'bench' || n, \
            'email', 'bench' || n || '@example.com', \
