@@ -228,9 +228,10 @@ impl ReadModel {
             state::record_batch(&mut tx, seq, epoch).await?;
         }
         tx.commit().await?;
-        fail::fail_point!("projector::after_commit");
 
         if let Some(ns) = marked_ns {
+            // Between the commit and the Redis write of a batch that changed views.
+            fail::fail_point!("projector::after_commit");
             outcome.cache_marked = true;
             if let Err(error) = self.cache.put_many(ns, &changed).await {
                 // The entries stay pending: readers miss and read PostgreSQL.
