@@ -13,6 +13,12 @@
 //!    same log from PostgreSQL.
 //! 6. End-to-end visibility (command answered → query API shows it) at half
 //!    the maximum command rate, with every service running.
+//!
+//! Diagnostics of the visibility scenario (not needed for the figures):
+//! `BENCH_PROBED_PER_SECOND` (default 50) commands probed per second,
+//! `BENCH_VISIBILITY_RATE` paces at a fixed rate instead of half the maximum,
+//! `BENCH_STAGES=1` also times the relay checkpoint and the PostgreSQL row
+//! per probed command (one more query per probe round, so more load).
 
 mod projection;
 mod relay;
@@ -30,7 +36,7 @@ pub struct Plan {
     pub runs: usize,
     /// `BENCH_SECONDS`: length of each timed load, default 10.
     pub seconds: u64,
-    /// `BENCH_EVENTS`: backlog size for the relay, default 200,000.
+    /// `BENCH_EVENTS`: backlog size for the relay and the projection, default 200,000.
     pub backlog: i64,
     /// `BENCH_REBUILD_EVENTS`: log size for `projector rebuild`, default 1,000,000.
     pub rebuild_events: i64,
