@@ -135,7 +135,7 @@ impl ReadModel {
                 continue;
             }
             let version = row.stream_version;
-            let step = match row.decode() {
+            let step = match IntegrationEvent::from_public_row(row.into_public()) {
                 Err(error) => Err((Reason::UnknownType, error_chain(&error))),
                 Ok(event) => match project(views.get(&user), &event) {
                     Projection::Apply(view) => Ok(view),

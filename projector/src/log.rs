@@ -3,40 +3,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use chrono::{DateTime, Utc};
-use events::{DecodeError, IntegrationEvent, PublicRow};
+use eventlog::LogRow;
+use events::IntegrationEvent;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::message::Message;
-
-/// One event of a user's stream, as the log has it.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct LogEvent {
-    pub global_position: i64,
-    pub stream_id: Uuid,
-    pub stream_version: i32,
-    pub event_id: Uuid,
-    pub event_type: String,
-    pub schema_version: i16,
-    pub payload: serde_json::Value,
-    pub recorded_at: DateTime<Utc>,
-}
-
-impl LogEvent {
-    pub fn decode(&self) -> Result<IntegrationEvent, DecodeError> {
-        IntegrationEvent::from_public_row(PublicRow {
-            global_position: self.global_position,
-            stream_id: self.stream_id,
-            stream_version: self.stream_version,
-            event_id: self.event_id,
-            event_type: self.event_type.clone(),
-            schema_version: self.schema_version,
-            payload: self.payload.clone(),
-            recorded_at: self.recorded_at,
-        })
-    }
-}
 
 #[derive(sqlx::FromRow)]
 struct Located {
@@ -74,7 +46,7 @@ pub async fn locate(
 pub async fn read_ranges(
     tx: &mut PgConnection,
     ranges: &[(Uuid, i32, i32)],
-) -> Result<Vec<LogEvent>, sqlx::Error> {
+) -> Result<Vec<LogRow>, sqlx::Error> {
     if ranges.is_empty() {
         return Ok(Vec::new());
     }
@@ -82,7 +54,7 @@ pub async fn read_ranges(
     let after: Vec<i32> = ranges.iter().map(|r| r.1).collect();
     let upto: Vec<i32> = ranges.iter().map(|r| r.2).collect();
     sqlx::query_as(
-        "SELECT e.global_position, e.stream_id, e.stream_version, e.event_id, e.event_type, \
+        "SELECT e.transaction_id::text::bigint AS xid, e.global_position, e.stream_id, e.stream_version, e.event_id, e.event_type, \
                 e.schema_version, e.payload, e.recorded_at \
          FROM UNNEST($1::uuid[], $2::int[], $3::int[]) AS w(user_id, after_version, upto_version) \
          JOIN events_public e ON e.stream_id = w.user_id \
