@@ -3,6 +3,7 @@
 pub mod config;
 pub mod db;
 pub mod http;
+pub mod kafka;
 pub mod shutdown;
 pub mod tasks;
 pub mod telemetry;

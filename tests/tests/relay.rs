@@ -2,137 +2,17 @@
 //! one leader among replicas. Real PostgreSQL, real Kafka, real command-api
 //! binaries as relays.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use events::domain::{UserDeactivated, UserReactivated, UserRegistered};
-use events::{PasswordHash, UserEvent};
 use futures::future::join_all;
-use serde_json::{json, Value};
-use sqlx::PgPool;
-use userstream_tests::{
-    contract_violations, eventually, read_topic, KafkaMessage, Running, Service, TestEnv,
+use serde_json::json;
+use userstream_tests::relay::{
+    assert_each_stream_complete_and_in_order, leader_and_standby, read_all, relay_status,
+    stream_events, versions_by_user, writer, writing_was_done_before,
 };
+use userstream_tests::{contract_violations, eventually, KafkaMessage, Service, TestEnv};
 use uuid::Uuid;
-
-/// The n-th event of a user's stream: registration, then alternating status changes.
-fn nth_event(version: i32, name: &str) -> UserEvent {
-    match version {
-        1 => UserEvent::Registered(UserRegistered {
-            username: name.to_owned(),
-            email: format!("{name}@example.com"),
-            password_hash: PasswordHash::new("$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into()),
-        }),
-        v if v % 2 == 0 => UserEvent::Deactivated(UserDeactivated { reason: None }),
-        _ => UserEvent::Reactivated(UserReactivated { reason: None }),
-    }
-}
-
-/// Appends one event in its own transaction and returns its event id. When
-/// `hold` is set the transaction stays open that long before committing, so
-/// later transactions commit first with higher positions.
-async fn append(
-    pool: &PgPool,
-    user: Uuid,
-    version: i32,
-    name: &str,
-    hold: Option<Duration>,
-) -> Uuid {
-    let event = nth_event(version, name);
-    let event_id = Uuid::now_v7();
-    let mut tx = pool.begin().await.unwrap();
-    sqlx::query(
-        "INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload) \
-         VALUES ($1, $2, $3, $4, 1, $5)",
-    )
-    .bind(user)
-    .bind(version)
-    .bind(event_id)
-    .bind(event.event_type())
-    .bind(event.payload())
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    if let Some(hold) = hold {
-        sqlx::query("SELECT pg_sleep($1)")
-            .bind(hold.as_secs_f64())
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-    }
-    tx.commit().await.unwrap();
-    event_id
-}
-
-/// One writer: `users` streams of `versions` events each, interleaved, with
-/// every seventh transaction held open for a while.
-async fn writer(pool: PgPool, users: usize, versions: i32) -> Vec<(Uuid, i32, Uuid)> {
-    let ids: Vec<Uuid> = (0..users).map(|_| Uuid::now_v7()).collect();
-    let mut written = Vec::new();
-    for version in 1..=versions {
-        for user in &ids {
-            let name = format!("u{}", &user.simple().to_string()[20..]);
-            let hold = (Uuid::new_v4().as_u128() % 7 == 0)
-                .then(|| Duration::from_millis(20 + (Uuid::new_v4().as_u128() % 60) as u64));
-            let event_id = append(&pool, *user, version, &name, hold).await;
-            written.push((*user, version, event_id));
-        }
-    }
-    written
-}
-
-/// Reads the topic until every written event id was seen; returns the messages.
-async fn read_all(
-    env: &TestEnv,
-    written: &[(Uuid, i32, Uuid)],
-    deadline: Duration,
-) -> Vec<KafkaMessage> {
-    let expected: BTreeSet<String> = written.iter().map(|(_, _, id)| id.to_string()).collect();
-    read_topic(&env.topic, deadline, |seen| {
-        let ids: BTreeSet<&str> = seen
-            .iter()
-            .filter_map(|m| m.headers.get("ce_id").map(String::as_str))
-            .collect();
-        expected.iter().all(|id| ids.contains(id.as_str()))
-    })
-    .await
-}
-
-/// Per user, in topic order (one partition per key), the versions seen.
-fn versions_by_user(messages: &[KafkaMessage]) -> HashMap<String, Vec<i64>> {
-    let mut by_user: HashMap<String, Vec<(i32, i64, i64)>> = HashMap::new();
-    for m in messages {
-        let key = m.key.clone().expect("every message has a key");
-        let version = m.body["stream_version"].as_i64().unwrap();
-        by_user
-            .entry(key)
-            .or_default()
-            .push((m.partition, m.offset, version));
-    }
-    by_user
-        .into_iter()
-        .map(|(user, mut seen)| {
-            let partitions: BTreeSet<i32> = seen.iter().map(|(p, _, _)| *p).collect();
-            assert_eq!(
-                partitions.len(),
-                1,
-                "user {user} spread over partitions {partitions:?}"
-            );
-            seen.sort_by_key(|(_, offset, _)| *offset);
-            (user, seen.into_iter().map(|(_, _, v)| v).collect())
-        })
-        .collect()
-}
-
-async fn relay_status(service: &Running) -> Value {
-    let readyz: Value = reqwest::get(service.url("/readyz"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    readyz["checks"]["relay"]["detail"].clone()
-}
 
 type Breakage = Box<dyn Fn(&mut KafkaMessage)>;
 
@@ -196,7 +76,7 @@ async fn every_event_of_eight_concurrent_writers_reaches_kafka_once_and_in_versi
         .collect();
     assert_eq!(written.len(), 5_000);
 
-    let messages = read_all(&env, &written, Duration::from_secs(120)).await;
+    let messages = read_all(&env.topic, &written, Duration::from_secs(120)).await;
     let ids: Vec<&str> = messages
         .iter()
         .map(|m| m.headers["ce_id"].as_str())
@@ -233,30 +113,11 @@ async fn every_event_of_eight_concurrent_writers_reaches_kafka_once_and_in_versi
 async fn a_second_replica_takes_over_within_seconds_when_the_leader_dies_mid_stream() {
     let env = TestEnv::new().await;
     let fast = [("RELAY_LEADER_RETRY_MS", "200"), ("RELAY_BATCH_SIZE", "50")];
-    let first = env.spawn(Service::CommandApi, &fast).await;
-    eventually(
-        "the first replica to lead",
-        Duration::from_secs(20),
-        || async { (relay_status(&first).await["leader"] == true).then_some(()) },
-    )
-    .await;
-    let second = env.spawn(Service::CommandApi, &fast).await;
-    assert_eq!(
-        relay_status(&second).await["leader"],
-        false,
-        "one leader only"
-    );
+    let (first, second) = leader_and_standby(&env, &fast).await;
 
     // Stream events while the leader is killed.
     let pool = env.pool.clone();
-    let writing = tokio::spawn(async move {
-        // 2 writers × 50 users × 20 versions = 2,000 events.
-        join_all((0..2).map(|_| writer(pool.clone(), 50, 20)))
-            .await
-            .into_iter()
-            .flatten()
-            .collect::<Vec<_>>()
-    });
+    let writing = stream_events(pool);
     eventually(
         "the leader to publish something",
         Duration::from_secs(30),
@@ -290,38 +151,8 @@ async fn a_second_replica_takes_over_within_seconds_when_the_leader_dies_mid_str
         !writing_was_done_before(&written, killed_at),
         "the kill happened mid-stream"
     );
-    let messages = read_all(&env, &written, Duration::from_secs(120)).await;
+    let messages = read_all(&env.topic, &written, Duration::from_secs(120)).await;
     // At least once: a crash may repeat events, always with the same ce_id and
     // in the same order per user, so deduplicating by ce_id restores the stream.
-    let mut first_copy: HashMap<String, String> = HashMap::new();
-    for m in &messages {
-        let copy = first_copy
-            .entry(m.headers["ce_id"].clone())
-            .or_insert_with(|| m.raw.clone());
-        assert_eq!(copy, &m.raw, "a duplicate must be the same event");
-    }
-    let mut seen = BTreeSet::new();
-    let deduplicated: Vec<KafkaMessage> = messages
-        .into_iter()
-        .filter(|m| seen.insert(m.headers["ce_id"].clone()))
-        .collect();
-    assert_eq!(deduplicated.len(), written.len());
-    for (user, versions) in versions_by_user(&deduplicated) {
-        assert_eq!(versions, (1..=20).collect::<Vec<i64>>(), "user {user}");
-    }
-}
-
-/// True when every event was already committed before `at` (the kill was too late).
-fn writing_was_done_before(written: &[(Uuid, i32, Uuid)], at: Instant) -> bool {
-    // Event ids are UUIDv7: their timestamp tells when they were written.
-    let elapsed_ms = at.elapsed().as_millis() as u64;
-    let kill_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-        - elapsed_ms;
-    written.iter().all(|(_, _, id)| {
-        let (secs, nanos) = id.get_timestamp().unwrap().to_unix();
-        secs * 1000 + u64::from(nanos) / 1_000_000 <= kill_ms
-    })
+    assert_each_stream_complete_and_in_order(&messages, &written, 20);
 }

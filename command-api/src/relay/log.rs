@@ -11,11 +11,21 @@ pub use eventlog::Checkpoint;
 /// How far Kafka is behind the log.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Lag {
-    /// Events committed to the log but not yet acknowledged by Kafka.
+    /// Events committed to the log after the checkpoint: exact up to
+    /// [`LAG_COUNT_CAP`]; beyond it an estimate (`estimated`).
     pub events: i64,
-    /// Age of the oldest of them; 0 when there are none.
+    /// True when `events` is the estimate: the newest position minus the
+    /// checkpoint's (positions of rolled-back transactions count too).
+    pub estimated: bool,
+    /// Age of the next event to publish (the first after the checkpoint in
+    /// read order); 0 when there is none.
     pub seconds: f64,
 }
+
+/// The lag is counted exactly up to this many events and estimated beyond,
+/// so measuring it every few seconds costs at most this many index entries
+/// however large the backlog (a whole-backlog `count(*)` would grow with it).
+pub const LAG_COUNT_CAP: i64 = 10_000;
 
 /// The relay's read: the shared gap-safe reader over the full `events` table.
 pub const READ_BATCH: &str = eventlog::Source::Events.sql();
@@ -57,8 +67,9 @@ struct CheckpointRow {
 
 #[derive(sqlx::FromRow)]
 struct LagRow {
-    events: i64,
+    counted: i64,
     seconds: Option<f64>,
+    newest: Option<i64>,
 }
 
 #[tracing::instrument(name = "sql_load_checkpoint", skip(conn))]
@@ -99,22 +110,38 @@ pub async fn save_checkpoint(
     Ok(())
 }
 
-/// Events after the checkpoint of `relay`, and the age of the oldest.
+/// Events after the checkpoint of `relay` (capped count, then estimate), and
+/// the age of the next one. Each part walks `events_transaction_order_idx`
+/// or the primary key from one end, never the whole backlog.
 #[tracing::instrument(name = "sql_relay_lag", skip(pool))]
 pub async fn lag(pool: &PgPool, relay: &str) -> Result<Lag, sqlx::Error> {
     let mut conn = pool.acquire().await?;
     let checkpoint = load_checkpoint(&mut conn, relay).await?;
     let row: LagRow = sqlx::query_as(
-        "SELECT count(*) AS events, EXTRACT(EPOCH FROM now() - min(recorded_at))::float8 AS seconds \
-         FROM events \
-         WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2)",
+        "SELECT \
+           (SELECT count(*) FROM (SELECT 1 FROM events \
+              WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2) \
+              LIMIT $3) AS capped) AS counted, \
+           (SELECT EXTRACT(EPOCH FROM now() - recorded_at)::float8 FROM events \
+              WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2) \
+              ORDER BY events.transaction_id, events.global_position LIMIT 1) AS seconds, \
+           (SELECT max(global_position) FROM events) AS newest",
     )
     .bind(checkpoint.transaction_id)
     .bind(checkpoint.global_position)
+    .bind(LAG_COUNT_CAP)
     .fetch_one(&mut *conn)
     .await?;
+    let estimated = row.counted >= LAG_COUNT_CAP;
+    let events = if estimated {
+        let spread = row.newest.unwrap_or(0) - checkpoint.global_position;
+        spread.max(LAG_COUNT_CAP)
+    } else {
+        row.counted
+    };
     Ok(Lag {
-        events: row.events,
+        events,
+        estimated,
         seconds: row.seconds.unwrap_or(0.0).max(0.0),
     })
 }

@@ -1,14 +1,19 @@
 //! The relay: mirrors the event log to Kafka, gap-safe, at least once, in order.
 //!
-//! * One leader among all replicas: the relay holds a session-level advisory
-//!   lock on a dedicated connection, and reads and checkpoints through that same
-//!   connection, so a relay whose session died cannot move the checkpoint.
+//! * One leader per topic among all replicas: the relay holds a session-level
+//!   advisory lock (its key derived from the topic, [`session::lock_key`]) on a
+//!   dedicated connection, and reads and checkpoints through that same
+//!   connection, so a relay whose session died cannot move the checkpoint. A
+//!   lost session is noticed within seconds ([`session`]).
 //! * Gap-safe reads ([`log::read_batch`]): (transaction id, position) order,
 //!   only below `pg_snapshot_xmin(pg_current_snapshot())`.
 //! * In order, no gaps: the idempotent producer never times a message out
 //!   (`message.timeout.ms = 0`). A message that timed out would be skipped while
 //!   later messages of its partition were written, and re-sending it would then
 //!   put it after them: a reorder. Kafka being away just makes the batch wait.
+//!   Any other permanent failure of a message is a fatal producer error
+//!   (`enable.gapless.guarantee`) instead of a gap: the producer is replaced
+//!   and everything after the checkpoint is sent again.
 //! * The checkpoint moves only after Kafka acknowledged every message up to it.
 //!   Up to [`PIPELINE_DEPTH`] batches are in flight: the next batch is read and
 //!   queued while the previous one waits for its acknowledgements, and
@@ -17,6 +22,7 @@
 //! * Woken by LISTEN/NOTIFY at commit, with a polling fallback.
 
 pub mod log;
+pub mod session;
 pub mod status;
 
 use std::collections::VecDeque;
@@ -37,23 +43,25 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::ClientConfig;
 use sqlx::postgres::{PgConnection, PgListener};
-use sqlx::{Connection, PgPool};
+use sqlx::PgPool;
 
 use crate::config::{KafkaSettings, RelaySettings};
 pub use log::{read_batch, Checkpoint, Lag};
 pub use status::RelayStatus;
 
-/// Advisory lock key of the relay leader ("usrelay" in ASCII). Advisory locks are
-/// per database, so each database (and each test database) has its own leader.
-const LEADER_LOCK: i64 = 0x0075_7372_656c_6179;
 pub const NOTIFY_CHANNEL: &str = "events_appended";
 /// Batches queued on the producer before the oldest must be acknowledged.
 pub const PIPELINE_DEPTH: usize = 2;
+/// After losing its session, a replica waits this many `RELAY_LEADER_RETRY_MS`
+/// before competing again, so a healthy replica takes over.
+const STAND_DOWN: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error("database error")]
     Database(#[from] sqlx::Error),
+    #[error("the leader's database session did not answer within {0:?}")]
+    SessionTimedOut(Duration),
     #[error("event at position {position} cannot be read")]
     Decode {
         position: i64,
@@ -92,14 +100,15 @@ struct InFlight {
 }
 
 /// Where the leader is: acknowledged (`checkpoint`) and read (`cursor`).
-struct Progress {
+pub struct Progress {
     checkpoint: Checkpoint,
     cursor: Checkpoint,
     in_flight: VecDeque<InFlight>,
 }
 
 impl Progress {
-    fn new(checkpoint: Checkpoint) -> Self {
+    /// Nothing in flight; the next read starts after `checkpoint`.
+    pub fn new(checkpoint: Checkpoint) -> Self {
         Self {
             checkpoint,
             cursor: checkpoint,
@@ -107,13 +116,25 @@ impl Progress {
         }
     }
 
+    /// The last event Kafka acknowledged (and the leader saved).
+    pub fn checkpoint(&self) -> Checkpoint {
+        self.checkpoint
+    }
+
+    /// Batches queued on the producer and not yet acknowledged.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
     /// Forgets what is in flight: the next read starts after the checkpoint.
-    fn rewind(&mut self) {
+    pub fn rewind(&mut self) {
         self.in_flight.clear();
         self.cursor = self.checkpoint;
     }
 }
 
+/// The relay of one topic; [`Self::run_until_stopped`] competes for
+/// leadership and drives [`Self::step`] while leader.
 pub struct Relay {
     pool: PgPool,
     producer: FutureProducer,
@@ -130,6 +151,8 @@ impl Relay {
         status: RelayStatus,
     ) -> Result<Self, KafkaError> {
         let producer = producer_config(&kafka).create()?;
+        // The admin client's settings are checked now too, not at first use.
+        admin_config(&kafka).create_native_config()?;
         status.update(|s| s.enabled = true);
         Ok(Self {
             pool,
@@ -143,15 +166,19 @@ impl Relay {
     /// Competes for leadership and relays while leader, until shutdown.
     pub async fn run_until_stopped(mut self, mut shutdown: Shutdown) {
         while !shutdown.is_requested() {
+            let mut pause = self.settings.leader_retry;
             if let Err(error) = self.lead(&mut shutdown).await {
                 tracing::error!(error = %error_chain(&error), "relay lost its database session; retrying");
                 self.status
                     .update(|s| s.last_error = Some(error_chain(&error)));
+                // A replica whose session just failed lets a healthy one
+                // take the lock first.
+                pause = self.settings.leader_retry * STAND_DOWN;
             }
             self.status.update(|s| s.leader = false);
             metrics::gauge!("relay_leader").set(0.0);
             tokio::select! {
-                () = tokio::time::sleep(self.settings.leader_retry) => {}
+                () = tokio::time::sleep(pause) => {}
                 () = shutdown.requested() => {}
             }
         }
@@ -165,29 +192,27 @@ impl Relay {
     /// fails or shutdown is requested. Returning drops the connection, which
     /// releases the lock.
     async fn lead(&mut self, shutdown: &mut Shutdown) -> Result<(), RelayError> {
-        let mut conn = PgConnection::connect_with(&self.pool.connect_options()).await?;
-        loop {
-            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                .bind(LEADER_LOCK)
-                .fetch_one(&mut conn)
-                .await?;
-            if got {
-                break;
-            }
+        let timeout = self.settings.statement_timeout;
+        let mut conn = session::bounded(timeout, session::connect(&self.pool, timeout)).await?;
+        let key = session::lock_key(&self.kafka.topic);
+        while !session::try_lock(&mut conn, key, timeout).await? {
             tokio::select! {
                 () = tokio::time::sleep(self.settings.leader_retry) => {}
                 () = shutdown.requested() => return Ok(()),
             }
         }
-        tracing::info!("relay is leader");
+        tracing::info!(topic = %self.kafka.topic, "relay is leader");
         self.status.update(|s| s.leader = true);
         metrics::gauge!("relay_leader").set(1.0);
 
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(NOTIFY_CHANNEL).await?;
-        let mut progress = Progress::new(log::load_checkpoint(&mut conn, &self.kafka.topic).await?);
+        let mut progress = Progress::new(
+            session::bounded(timeout, log::load_checkpoint(&mut conn, &self.kafka.topic)).await?,
+        );
         let mut topic_ready = false;
         let mut backoff = Duration::from_millis(200);
+        let mut recheck = None;
 
         while !shutdown.is_requested() {
             let outcome = async {
@@ -202,16 +227,24 @@ impl Relay {
                 () = shutdown.requested() => return Ok(()),
             };
             match outcome {
-                Ok(Step::Queued(_) | Step::Published(_)) => backoff = Duration::from_millis(200),
+                Ok(Step::Queued(_) | Step::Published(_)) => {
+                    backoff = Duration::from_millis(200);
+                    recheck = None;
+                }
                 Ok(Step::Idle) => {
+                    // The next step's read doubles as the session check.
+                    let wait = recheck
+                        .unwrap_or(self.settings.poll_interval.min(self.settings.session_check));
                     tokio::select! {
-                        // An error here is a dropped listener connection, which
-                        // PgListener re-establishes; the poll covers the gap.
-                        _ = tokio::time::timeout(self.settings.poll_interval, listener.recv()) => {}
+                        woken = tokio::time::timeout(wait, listener.recv()) => {
+                            recheck = next_recheck(recheck, woken.is_ok_and(|r| r.is_ok()));
+                        }
                         () = shutdown.requested() => {}
                     }
                 }
-                Err(RelayError::Database(error)) => return Err(error.into()),
+                Err(error @ (RelayError::Database(_) | RelayError::SessionTimedOut(_))) => {
+                    return Err(error)
+                }
                 Err(error) => {
                     progress.rewind();
                     metrics::counter!("relay_publish_errors_total").increment(1);
@@ -220,7 +253,7 @@ impl Relay {
                         .update(|s| s.last_error = Some(error_chain(&error)));
                     self.replace_producer_if_fatal();
                     tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
+                        checked = self.pause(&mut conn, backoff) => checked?,
                         () = shutdown.requested() => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -239,7 +272,10 @@ impl Relay {
         };
         tracing::error!(?code, %reason, "the Kafka producer hit a fatal error; replacing it");
         match producer_config(&self.kafka).create() {
-            Ok(producer) => self.producer = producer,
+            Ok(producer) => {
+                self.producer = producer;
+                metrics::counter!("relay_producers_replaced_total").increment(1);
+            }
             Err(error) => {
                 tracing::error!(error = %error_chain(&error), "could not create a new Kafka producer");
             }
@@ -249,14 +285,23 @@ impl Relay {
     /// One move of the pipeline: queue the next batch while there is room and
     /// something to read, otherwise wait for the oldest batch's acknowledgements
     /// and advance the checkpoint past it.
+    ///
+    /// `conn` is the leader's session; tests may pass any connection to the
+    /// database. Every statement on it is bounded, and while it waits for
+    /// acknowledgements the session is checked every `RELAY_SESSION_CHECK_MS`.
     #[tracing::instrument(name = "relay_step", skip_all, fields(checkpoint = progress.checkpoint.global_position))]
-    async fn step(
+    pub async fn step(
         &self,
         conn: &mut PgConnection,
         progress: &mut Progress,
     ) -> Result<Step, RelayError> {
+        let timeout = self.settings.statement_timeout;
         if progress.in_flight.len() < PIPELINE_DEPTH {
-            let batch = read_batch(conn, progress.cursor, self.settings.batch_size).await?;
+            let batch = session::bounded(
+                timeout,
+                read_batch(conn, progress.cursor, self.settings.batch_size),
+            )
+            .await?;
             if let Some((xid, newest)) = batch.last() {
                 let last = Checkpoint {
                     transaction_id: *xid,
@@ -282,9 +327,22 @@ impl Relay {
             return Ok(Step::Idle);
         };
         // Every message up to `oldest.last` is acknowledged before the
-        // checkpoint may pass it.
-        oldest.acks.await?;
-        log::save_checkpoint(conn, &self.kafka.topic, oldest.last).await?;
+        // checkpoint may pass it. Meanwhile the session must stay alive: a
+        // leader that lost it must stop, whatever Kafka does.
+        let mut acks = oldest.acks;
+        loop {
+            tokio::select! {
+                acked = &mut acks => break acked?,
+                () = tokio::time::sleep(self.settings.session_check) => {
+                    session::check(conn, timeout).await?;
+                }
+            }
+        }
+        session::bounded(
+            timeout,
+            log::save_checkpoint(conn, &self.kafka.topic, oldest.last),
+        )
+        .await?;
         progress.checkpoint = oldest.last;
 
         metrics::counter!("relay_events_published_total").increment(oldest.count as u64);
@@ -296,6 +354,19 @@ impl Relay {
             s.last_error = None;
         });
         Ok(Step::Published(oldest.count))
+    }
+
+    /// Waits `duration`, checking the session every `RELAY_SESSION_CHECK_MS`.
+    async fn pause(&self, conn: &mut PgConnection, duration: Duration) -> Result<(), RelayError> {
+        let until = Instant::now() + duration;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            tokio::time::sleep(left.min(self.settings.session_check)).await;
+            session::check(conn, self.settings.statement_timeout).await?;
+        }
     }
 
     /// Queues one message; the returned future resolves when Kafka acknowledged it.
@@ -332,10 +403,8 @@ impl Relay {
     }
 
     /// Creates the topic with the configured partitions unless it exists.
-    async fn ensure_topic(&self) -> Result<(), RelayError> {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.kafka.brokers)
-            .create()?;
+    pub async fn ensure_topic(&self) -> Result<(), RelayError> {
+        let admin: AdminClient<DefaultClientContext> = admin_config(&self.kafka).create()?;
         let topic = NewTopic::new(
             &self.kafka.topic,
             self.kafka.topic_partitions,
@@ -353,22 +422,92 @@ impl Relay {
     }
 }
 
-/// The producer settings the delivery guarantees rest on.
+/// After a NOTIFY the relay reads at once, but the new event may not be
+/// readable yet: it is published only below the cluster's xmin, and another
+/// transaction that was open when it committed (of any database) holds that
+/// back and sends no NOTIFY when it ends. So a read that found nothing after a
+/// NOTIFY is retried soon, at growing intervals, before the relay falls back
+/// to waiting for the next NOTIFY or its poll.
+const FIRST_RECHECK: Duration = Duration::from_millis(1);
+const LAST_RECHECK: Duration = Duration::from_millis(128);
+
+/// The wait before the next read after an idle one: `notified` is whether a
+/// NOTIFY (rather than the timeout) ended the last wait.
+fn next_recheck(recheck: Option<Duration>, notified: bool) -> Option<Duration> {
+    if notified {
+        return Some(FIRST_RECHECK);
+    }
+    recheck
+        .map(|wait| wait * 2)
+        .filter(|wait| *wait <= LAST_RECHECK)
+}
+
+/// The producer settings: `KAFKA_CONFIG_*` (security, tuning), then the
+/// settings the delivery guarantees rest on, which always win.
 pub fn producer_config(kafka: &KafkaSettings) -> ClientConfig {
-    let mut config = ClientConfig::new();
+    let mut config = kafka.client.client_config();
+    if config.get("client.id").is_none() {
+        config.set("client.id", "userstream-relay");
+    }
+    // linger.ms stays at 5 although it is a 5 ms floor under visibility:
+    // with 0, a user's events split across produce requests, and when one
+    // request fails permanently (the fatal-error test's oversized event) a
+    // later request of the same partition was still written in 1 run of 6,
+    // so the user's later event reached the topic before the earlier one's
+    // re-send (librdkafka's gap-less guarantee does not stop a request under
+    // a fresh producer id; cf. librdkafka #2819). With 5 ms the events of a
+    // relay batch travel together: 0 in 14 runs. Not yet a proof; see
+    // BENCHMARKS.md and the session notes.
+    for (name, value) in [("compression.type", "lz4"), ("linger.ms", "5")] {
+        if config.get(name).is_none() {
+            config.set(name, value);
+        }
+    }
+    kafka.client.apply(
+        &mut config,
+        &[
+            ("bootstrap.servers", kafka.brokers.clone()),
+            // No duplicates or reordering from the producer's own retries.
+            ("enable.idempotence", "true".into()),
+            ("acks", "all".into()),
+            // Never give up on a message: a timed-out message leaves a gap
+            // that later messages of its partition pass, and re-sending it
+            // would put it after them. While Kafka is away the batch waits.
+            ("message.timeout.ms", "0".into()),
+            // Any other permanent failure of a message (e.g. the broker
+            // refusing it as too large) is a fatal error, not a gap: the
+            // relay replaces the producer and re-sends from the checkpoint.
+            ("enable.gapless.guarantee", "true".into()),
+            // Same key → same partition as Java clients compute it.
+            ("partitioner", "murmur2_random".into()),
+        ],
+    );
     config
-        .set("bootstrap.servers", &kafka.brokers)
-        .set("client.id", "userstream-relay")
-        // No duplicates or reordering from the producer's own retries.
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        // Never give up on a message: a timed-out message leaves a gap that
-        // later messages of its partition pass, and re-sending it would put it
-        // after them. While Kafka is away the batch waits; the log buffers.
-        .set("message.timeout.ms", "0")
-        .set("compression.type", "lz4")
-        .set("linger.ms", "5")
-        // Same key → same partition as Java clients compute it.
-        .set("partitioner", "murmur2_random");
+}
+
+/// The admin client's settings (creating the topic): the same security.
+pub fn admin_config(kafka: &KafkaSettings) -> ClientConfig {
+    let mut config = kafka.client.client_config();
+    kafka
+        .client
+        .set_own(&mut config, "bootstrap.servers", kafka.brokers.clone());
     config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn after_a_notify_reads_are_retried_at_growing_intervals_then_left_to_the_poll() {
+        let mut recheck = next_recheck(None, true);
+        let mut waits = Vec::new();
+        while let Some(wait) = recheck {
+            waits.push(wait.as_millis());
+            recheck = next_recheck(recheck, false);
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128]);
+        assert_eq!(next_recheck(Some(LAST_RECHECK), true), Some(FIRST_RECHECK));
+        assert_eq!(next_recheck(None, false), None);
+    }
 }

@@ -42,6 +42,7 @@ impl RelayStatus {
             "last_published_at": s.last_published_at,
             "last_error": s.last_error,
             "lag_events": s.lag.map(|l| l.events),
+            "lag_events_estimated": s.lag.map(|l| l.estimated),
             "lag_seconds": s.lag.map(|l| l.seconds),
         })
     }
