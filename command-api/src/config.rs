@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use platform::config::{parse, string, InvalidSetting};
 use platform::db::DatabaseSettings;
+use platform::kafka::KafkaClientSettings;
 use secrecy::SecretString;
 
 #[derive(Debug, Clone)]
@@ -17,12 +18,29 @@ pub struct Settings {
     pub admin_token: SecretString,
     /// `HASH_CONCURRENCY`: argon2 hashes computed at once, default the number of cores.
     pub hash_concurrency: usize,
+    /// `HASH_QUEUE_CAPACITY`: hashes that may wait for a hashing thread,
+    /// default 16 × `HASH_CONCURRENCY` (about a quarter of a second of work at
+    /// ~15 ms a hash). A registration that finds the queue full answers 503
+    /// `overloaded` with `Retry-After` at once instead of waiting in line.
+    pub hash_queue_capacity: usize,
+    /// `REGISTRATION_RATE_PER_MINUTE` (default 20, 0 disables) and
+    /// `REGISTRATION_BURST` (default 10): `POST /users` per client address.
+    pub registration_limit: RegistrationLimit,
     /// `REQUEST_TIMEOUT_MS`, default 10 000.
     pub request_timeout: Duration,
     /// `IDEMPOTENCY_TTL_SECS`: how long an Idempotency-Key answers retries, default 24 h.
     pub idempotency_ttl: Duration,
     pub kafka: KafkaSettings,
     pub relay: RelaySettings,
+}
+
+/// The per-client rate limit on registration (a GCRA token bucket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegistrationLimit {
+    /// Registrations a client may start per minute, sustained; 0 disables the limit.
+    pub per_minute: u32,
+    /// How many a client may start at once before the rate applies (at least 1).
+    pub burst: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -37,6 +55,10 @@ pub struct KafkaSettings {
     pub topic_replication: i32,
     /// `CE_SOURCE`: the CloudEvents `source` attribute, default `urn:userstream:command-api`.
     pub ce_source: String,
+    /// `KAFKA_CONFIG_*` and the security shorthands (`KAFKA_SECURITY_PROTOCOL`,
+    /// `KAFKA_SASL_*`, `KAFKA_SSL_*`): librdkafka properties for the relay's
+    /// producer and admin client. Its `Debug` hides secrets.
+    pub client: KafkaClientSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -52,6 +74,13 @@ pub struct RelaySettings {
     pub poll_interval: Duration,
     /// `RELAY_LEADER_RETRY_MS`: how often a follower tries to take the lock, default 1000.
     pub leader_retry: Duration,
+    /// `RELAY_STATEMENT_TIMEOUT_MS`: the longest any statement on the leader's
+    /// lock connection may take (server `statement_timeout`, and the client
+    /// gives up a second later), default 10 000.
+    pub statement_timeout: Duration,
+    /// `RELAY_SESSION_CHECK_MS`: while the leader waits, how often it checks
+    /// that its lock connection still answers, default 1000.
+    pub session_check: Duration,
 }
 
 impl Settings {
@@ -65,11 +94,17 @@ impl Settings {
             });
         }
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        let hash_concurrency = parse("HASH_CONCURRENCY", cores)?.max(1);
         Ok(Self {
             bind_addr: parse("BIND_ADDR", SocketAddr::from(([127, 0, 0, 1], 3001)))?,
             database: DatabaseSettings::from_env(20, "userstream_command")?,
             admin_token: admin_token.into(),
-            hash_concurrency: parse("HASH_CONCURRENCY", cores)?.max(1),
+            hash_concurrency,
+            hash_queue_capacity: parse("HASH_QUEUE_CAPACITY", 16 * hash_concurrency)?.max(1),
+            registration_limit: RegistrationLimit {
+                per_minute: parse("REGISTRATION_RATE_PER_MINUTE", 20)?,
+                burst: parse("REGISTRATION_BURST", 10)?.max(1),
+            },
             request_timeout: Duration::from_millis(parse("REQUEST_TIMEOUT_MS", 10_000)?),
             idempotency_ttl: Duration::from_secs(parse("IDEMPOTENCY_TTL_SECS", 86_400)?),
             kafka: KafkaSettings {
@@ -78,12 +113,19 @@ impl Settings {
                 topic_partitions: parse("KAFKA_TOPIC_PARTITIONS", 6)?,
                 topic_replication: parse("KAFKA_TOPIC_REPLICATION", 1)?,
                 ce_source: string("CE_SOURCE", "urn:userstream:command-api"),
+                client: KafkaClientSettings::from_env()?,
             },
             relay: RelaySettings {
                 enabled: parse("RELAY_ENABLED", true)?,
                 batch_size: parse("RELAY_BATCH_SIZE", 5000)?,
                 poll_interval: Duration::from_millis(parse("RELAY_POLL_INTERVAL_MS", 500)?),
                 leader_retry: Duration::from_millis(parse("RELAY_LEADER_RETRY_MS", 1000)?),
+                statement_timeout: Duration::from_millis(
+                    parse::<u64>("RELAY_STATEMENT_TIMEOUT_MS", 10_000)?.max(100),
+                ),
+                session_check: Duration::from_millis(
+                    parse::<u64>("RELAY_SESSION_CHECK_MS", 1000)?.max(10),
+                ),
             },
         })
     }

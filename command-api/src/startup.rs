@@ -8,6 +8,7 @@ use anyhow::Context;
 use sqlx::PgPool;
 
 use crate::config::Settings;
+use crate::http::rate_limit::RegistrationLimiter;
 use crate::http::{self, AppState};
 use crate::password::Hasher;
 use crate::relay::{Relay, RelayStatus};
@@ -20,6 +21,7 @@ pub struct Application {
     listener: tokio::net::TcpListener,
     router: axum::Router,
     relay: Option<Relay>,
+    registration_limiter: RegistrationLimiter,
     lag_monitor: Option<(PgPool, String, RelayStatus)>,
     store: EventStore,
 }
@@ -94,12 +96,14 @@ impl Application {
             None
         };
         let store = EventStore::new(pool);
+        let registration_limiter = RegistrationLimiter::new(settings.registration_limit);
         let state = AppState {
             store: store.clone(),
-            hasher: Hasher::new(settings.hash_concurrency),
+            hasher: Hasher::new(settings.hash_concurrency, settings.hash_queue_capacity),
             admin_token: Arc::new(settings.admin_token.clone()),
             relay: status,
             idempotency_ttl: settings.idempotency_ttl,
+            registration_limiter: registration_limiter.clone(),
         };
         let listener = tokio::net::TcpListener::bind(settings.bind_addr)
             .await
@@ -108,6 +112,7 @@ impl Application {
             listener,
             router: http::router(state, settings.request_timeout),
             relay,
+            registration_limiter,
             lag_monitor,
             store,
         })
@@ -127,6 +132,10 @@ impl Application {
         if let Some((pool, relay_name, status)) = self.lag_monitor {
             tokio::spawn(status.monitor_lag(pool, relay_name, LAG_EVERY, shutdown.clone()));
         }
+        tokio::spawn(forget_idle_clients(
+            self.registration_limiter,
+            shutdown.clone(),
+        ));
         tokio::spawn(sweep_idempotency_keys(self.store, shutdown));
         // Handlers first: a signal right after "listening" must not be lost.
         let signal = platform::shutdown::signal();
@@ -158,6 +167,20 @@ async fn sweep_idempotency_keys(store: EventStore, mut shutdown: platform::shutd
                 error = %platform::telemetry::error_chain(&error),
                 "could not sweep idempotency keys"
             ),
+        }
+    }
+}
+
+/// Drops the rate-limit state of clients that have been quiet long enough for
+/// their quota to refill, so it takes memory only for recent clients.
+async fn forget_idle_clients(
+    limiter: RegistrationLimiter,
+    mut shutdown: platform::shutdown::Shutdown,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(SWEEP_EVERY) => limiter.forget_idle(),
+            () = shutdown.requested() => return,
         }
     }
 }

@@ -35,6 +35,8 @@ pub enum AppendError {
 /// An `Idempotency-Key` to record with the events it answers.
 #[derive(Debug, Clone)]
 pub struct IdempotencyClaim {
+    /// Whose key it is: caller and route (see `http::idempotency::scope`).
+    pub scope: String,
     pub key: String,
     pub fingerprint: String,
     /// The HTTP status the answer is given with.
@@ -167,13 +169,39 @@ impl EventStore {
         Ok(appended)
     }
 
-    /// The live (unexpired) answer recorded under `key`, if any.
+    /// Which of `username` and `email` (normalised) are already reserved: a
+    /// cheap look-up before any argon2 work. The reservation in the appending
+    /// transaction stays the guarantee; this only spares the hash when the
+    /// answer is already known.
+    #[tracing::instrument(name = "sql_identity_taken", skip_all)]
+    pub async fn identity_taken(&self, username: &str, email: &str) -> Result<Taken, sqlx::Error> {
+        let row: TakenRow = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM user_identities WHERE username = $1) AS username, \
+                    EXISTS (SELECT 1 FROM user_identities WHERE email = $2) AS email",
+        )
+        .bind(username)
+        .bind(email)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(match row {
+            TakenRow { username: true, .. } => Taken::Username,
+            TakenRow { email: true, .. } => Taken::Email,
+            _ => Taken::Neither,
+        })
+    }
+
+    /// The live (unexpired) answer recorded under `key` in `scope`, if any.
     #[tracing::instrument(name = "sql_stored_answer", skip_all)]
-    pub async fn stored_answer(&self, key: &str) -> Result<Option<StoredAnswer>, sqlx::Error> {
+    pub async fn stored_answer(
+        &self,
+        scope: &str,
+        key: &str,
+    ) -> Result<Option<StoredAnswer>, sqlx::Error> {
         let row: Option<AnswerRow> = sqlx::query_as(
             "SELECT fingerprint, status, stream_id, version, position FROM idempotency_keys \
-             WHERE key = $1 AND expires_at > now()",
+             WHERE scope = $1 AND key = $2 AND expires_at > now()",
         )
+        .bind(scope)
         .bind(key)
         .fetch_optional(&self.pool)
         .await?;
@@ -207,6 +235,21 @@ struct StreamRow {
     payload: serde_json::Value,
 }
 
+/// What [`EventStore::identity_taken`] found; the username is reported
+/// first, as the reservation's insert would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    Neither,
+    Username,
+    Email,
+}
+
+#[derive(sqlx::FromRow)]
+struct TakenRow {
+    username: bool,
+    email: bool,
+}
+
 /// A recorded answer as [`EventStore::stored_answer`] reads it.
 #[derive(sqlx::FromRow)]
 struct AnswerRow {
@@ -227,13 +270,15 @@ async fn claim_key(
     stream_id: Uuid,
 ) -> Result<(), AppendError> {
     let claimed = sqlx::query(
-        "INSERT INTO idempotency_keys (key, fingerprint, status, stream_id, version, position, expires_at) \
-         VALUES ($1, $2, $3, $4, 0, 0, now() + make_interval(secs => $5)) \
-         ON CONFLICT (key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, \
+        "INSERT INTO idempotency_keys \
+           (scope, key, fingerprint, status, stream_id, version, position, expires_at) \
+         VALUES ($1, $2, $3, $4, $5, 0, 0, now() + make_interval(secs => $6)) \
+         ON CONFLICT (scope, key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, \
            status = EXCLUDED.status, stream_id = EXCLUDED.stream_id, version = 0, position = 0, \
            created_at = now(), expires_at = EXCLUDED.expires_at \
          WHERE idempotency_keys.expires_at <= now()",
     )
+    .bind(&claim.scope)
     .bind(&claim.key)
     .bind(&claim.fingerprint)
     .bind(i16::try_from(claim.status).unwrap_or(i16::MAX))
@@ -254,12 +299,15 @@ async fn record_answer(
     claim: &IdempotencyClaim,
     appended: Appended,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE idempotency_keys SET version = $2, position = $3 WHERE key = $1")
-        .bind(&claim.key)
-        .bind(appended.version)
-        .bind(appended.position)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query(
+        "UPDATE idempotency_keys SET version = $3, position = $4 WHERE scope = $1 AND key = $2",
+    )
+    .bind(&claim.scope)
+    .bind(&claim.key)
+    .bind(appended.version)
+    .bind(appended.position)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 

@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 pub const USERNAME_CHARS: std::ops::RangeInclusive<usize> = 3..=32;
 pub const PASSWORD_CHARS: std::ops::RangeInclusive<usize> = 12..=128;
 pub const REASON_MAX_CHARS: usize = 500;
-const EMAIL_MAX_CHARS: usize = 254;
+pub const EMAIL_MAX_CHARS: usize = 254;
 
-/// Trimmed, lower-cased, 3–32 characters of `[a-z0-9_.-]`.
+/// 3–32 characters of `[A-Za-z0-9_.-]` once surrounding ASCII whitespace is
+/// trimmed; stored trimmed and lower-cased.
 pub fn username(raw: &str) -> Result<String, String> {
-    let name = raw.trim().to_lowercase();
+    let name = events::domain::normalise(raw);
     let len = name.chars().count();
     if !USERNAME_CHARS.contains(&len) {
         return Err(format!(
@@ -28,10 +29,13 @@ pub fn username(raw: &str) -> Result<String, String> {
     Ok(name)
 }
 
-/// Trimmed and lower-cased; `local@domain` with a dotted domain of letters,
-/// digits and hyphens, no spaces, at most 254 characters.
+/// `local@domain` once surrounding ASCII whitespace is trimmed, stored
+/// trimmed and lower-cased: a dot-atom local part of at most 64
+/// characters and a dotted domain of letters, digits and hyphens (labels of
+/// 1–63, not starting or ending with a hyphen), at most 254 characters; no
+/// spaces anywhere (the pattern `RegisterRequest` documents).
 pub fn email(raw: &str) -> Result<String, String> {
-    let email = raw.trim().to_lowercase();
+    let email = events::domain::normalise(raw);
     let invalid = || "must be a valid email address".to_owned();
     if email.chars().count() > EMAIL_MAX_CHARS {
         return Err(format!("must be at most {EMAIL_MAX_CHARS} characters"));
@@ -75,12 +79,16 @@ pub fn password(raw: &str) -> Result<(), String> {
     }
 }
 
-/// An optional free-text reason, at most 500 characters.
+/// An optional free-text reason, at most 500 characters as sent; stored
+/// trimmed, and an empty one is no reason.
 pub fn reason(raw: Option<String>) -> Result<Option<String>, String> {
+    if raw
+        .as_ref()
+        .is_some_and(|r| r.chars().count() > REASON_MAX_CHARS)
+    {
+        return Err(format!("must be at most {REASON_MAX_CHARS} characters"));
+    }
     match raw.map(|r| r.trim().to_owned()) {
-        Some(r) if r.chars().count() > REASON_MAX_CHARS => {
-            Err(format!("must be at most {REASON_MAX_CHARS} characters"))
-        }
         Some(r) if r.is_empty() => Ok(None),
         other => Ok(other),
     }
@@ -111,7 +119,15 @@ mod tests {
 
     #[test]
     fn usernames_are_trimmed_and_lower_cased() {
-        assert_eq!(username("  Alice_1.x-Y ").unwrap(), "alice_1.x-y");
+        assert_eq!(username(" \tAlice_1.x-Y\n").unwrap(), "alice_1.x-y");
+        assert!(
+            username("\u{a0}alice").is_err(),
+            "only ASCII whitespace is trimmed"
+        );
+        assert!(
+            username("\u{212A}elvin").is_err(),
+            "only ASCII is lower-cased"
+        );
     }
 
     #[test]
@@ -125,6 +141,10 @@ mod tests {
     #[test]
     fn emails_are_normalised_and_checked() {
         assert_eq!(email(" Alice@Example.COM ").unwrap(), "alice@example.com");
+        assert!(
+            email("\u{3000}alice@example.com").is_err(),
+            "only ASCII whitespace is trimmed"
+        );
         for bad in [
             "alice",
             "alice@",

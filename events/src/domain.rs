@@ -167,6 +167,15 @@ fn upcast(event_type: &str, from: i16, mut payload: serde_json::Value) -> serde_
     payload
 }
 
+/// How usernames and email addresses are stored, compared and looked up:
+/// surrounding ASCII whitespace trimmed, ASCII letters lower-cased, nothing
+/// else changed. Only ASCII is mapped, so no other character can turn into an
+/// allowed one (under Unicode rules the Kelvin sign `K` lower-cases to `k`),
+/// and the APIs' documents can state exactly what is accepted.
+pub fn normalise(raw: &str) -> String {
+    raw.trim_ascii().to_ascii_lowercase()
+}
+
 /// UserRegistered v0 was the pre-release draft: the address was stored as
 /// typed under `email_address`. v1 names it `email` and stores it normalised
 /// (trimmed, lower-case), which is what uniqueness is decided on. The
@@ -177,7 +186,7 @@ fn registered_v0_to_v1(mut payload: serde_json::Value) -> serde_json::Value {
         if let Some(serde_json::Value::String(address)) = object.remove("email_address") {
             object.insert(
                 "email".into(),
-                serde_json::Value::String(address.trim().to_lowercase()),
+                serde_json::Value::String(normalise(&address)),
             );
         }
     }

@@ -2,18 +2,19 @@
 //! operational endpoints and serving with graceful shutdown.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderName, StatusCode};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
+use futures::FutureExt;
+use metrics::SharedString;
 use serde::Serialize;
-use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
-use tracing::Level;
+use tracing::Instrument;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -34,6 +35,28 @@ pub struct ErrorDetail {
     pub fields: BTreeMap<String, String>,
 }
 
+/// The token of an `Authorization: Bearer <token>` header (scheme matched
+/// without regard to case), if the request carries a non-empty one.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
+        .filter(|token| !token.is_empty())
+}
+
+/// A UUID in its hyphenated form only (what `format: uuid` describes);
+/// `Uuid::parse_str` also takes the simple, braced and URN forms.
+pub fn parse_uuid(text: &str) -> Option<uuid::Uuid> {
+    if text.len() != 36 {
+        return None;
+    }
+    uuid::Uuid::try_parse(text).ok()
+}
+
 /// Builds an error response in the shared shape.
 pub fn error_response(
     status: StatusCode,
@@ -51,8 +74,11 @@ pub fn error_response(
     (status, Json(body)).into_response()
 }
 
-/// Wraps a service's routes with request ids, tracing, a timeout, HTTP metrics
-/// and the fallback 404 in the shared error shape.
+/// Wraps a service's routes with the fallback 404 in the shared error shape
+/// and [`envelope`]: request ids, a span, a timeout, panic recovery and HTTP
+/// metrics, in one layer (each layer costs every request an allocation and a
+/// few moves of its future; five of them cost a cached read a quarter of its
+/// throughput, see BENCHMARKS.md).
 pub fn layers(router: Router, request_timeout: Duration) -> Router {
     router
         .fallback(|| async {
@@ -63,52 +89,46 @@ pub fn layers(router: Router, request_timeout: Duration) -> Router {
                 BTreeMap::new(),
             )
         })
-        .layer(CatchPanicLayer::custom(
-            |_: Box<dyn std::any::Any + Send>| {
-                // The panic message is printed by the panic hook; the client gets
-                // the shared shape, not a dropped connection.
-                tracing::error!("a request handler panicked");
-                error_response(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "internal error",
-                    BTreeMap::new(),
-                )
-            },
-        ))
-        .layer(middleware::from_fn(record_metrics))
         .layer(middleware::from_fn(move |req: Request, next: Next| {
-            deadline(request_timeout, req, next)
+            envelope(request_timeout, req, next)
         }))
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(|req: &Request| {
-                    let request_id = req
-                        .headers()
-                        .get(REQUEST_ID)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("");
-                    tracing::info_span!(
-                        "http",
-                        method = %req.method(),
-                        path = %req.uri().path(),
-                        request_id,
-                    )
-                })
-                .on_request(())
-                .on_response(DefaultOnResponse::new().level(Level::DEBUG)),
-        )
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }
 
-/// Answers 503 `timeout` in the shared error shape when a request takes longer
-/// than `limit` (tower-http's timeout layer answers with an empty body).
-async fn deadline(limit: Duration, req: Request, next: Next) -> Response {
-    match tokio::time::timeout(limit, next.run(req)).await {
-        Ok(response) => response,
-        Err(_) => {
-            tracing::warn!(limit_ms = limit.as_millis() as u64, "request timed out");
+/// What every request goes through:
+/// * an `X-Request-Id` before anything reads it, returned on the response: a
+///   client's id is kept when [`valid_request_id`]; one that is too long or
+///   has other characters is replaced by a generated UUID, with a warning
+///   that shows only a short, escaped prefix of the refused value;
+/// * the `http` span (method, path, request id) around everything below;
+/// * 503 `timeout` in the shared error shape after `limit`;
+/// * a panicking handler answers 500 `internal` in the shared shape (the
+///   panic hook prints the message) instead of dropping the connection;
+/// * `http_requests_total` and `http_request_duration_seconds` by method,
+///   route and status, timeouts and panics included.
+async fn envelope(limit: Duration, mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = request_id(&mut req);
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = method_label(req.method());
+    let span = tracing::info_span!(
+        "http",
+        method,
+        path = %req.uri().path(),
+        request_id = id.to_str().unwrap_or_default(),
+    );
+    let handled = AssertUnwindSafe(tokio::time::timeout(limit, next.run(req)))
+        .catch_unwind()
+        .instrument(span.clone())
+        .await;
+    let mut response = match handled {
+        Ok(Ok(response)) => response,
+        Ok(Err(_)) => {
+            span.in_scope(|| {
+                tracing::warn!(limit_ms = limit.as_millis() as u64, "request timed out");
+            });
             error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "timeout",
@@ -116,23 +136,94 @@ async fn deadline(limit: Duration, req: Request, next: Next) -> Response {
                 BTreeMap::new(),
             )
         }
+        Err(_) => {
+            span.in_scope(|| tracing::error!("a request handler panicked"));
+            error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+                BTreeMap::new(),
+            )
+        }
+    };
+    let elapsed = started.elapsed();
+    span.in_scope(|| {
+        tracing::debug!(
+            status = response.status().as_u16(),
+            latency_ms = elapsed.as_secs_f64() * 1e3,
+            "answered"
+        );
+    });
+    let labels = [
+        ("method", SharedString::const_str(method)),
+        ("route", SharedString::from(route)),
+        ("status", status_label(response.status())),
+    ];
+    metrics::counter!("http_requests_total", &labels).increment(1);
+    metrics::histogram!("http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+    response.headers_mut().insert(REQUEST_ID, id);
+    response
+}
+
+/// The request's `X-Request-Id` after checking (see [`envelope`]).
+fn request_id(req: &mut Request) -> HeaderValue {
+    if let Some(sent) = req.headers().get(REQUEST_ID) {
+        if valid_request_id(sent.as_bytes()) {
+            return sent.clone();
+        }
+    }
+    let replacement = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+        .expect("a UUID is a valid header value");
+    if let Some(sent) = req.headers().get(REQUEST_ID) {
+        let bytes = sent.as_bytes();
+        let prefix = String::from_utf8_lossy(&bytes[..bytes.len().min(32)]).into_owned();
+        tracing::warn!(
+            sent_len = bytes.len(),
+            sent_prefix = ?prefix,
+            replacement = ?replacement,
+            "invalid X-Request-Id replaced"
+        );
+    }
+    req.headers_mut().insert(REQUEST_ID, replacement.clone());
+    replacement
+}
+
+/// Longest `X-Request-Id` kept; longer ones are replaced.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Whether a client's `X-Request-Id` may be kept: 1–128 characters of
+/// `[A-Za-z0-9._:-]`, enough for UUIDs, ULIDs and tracing ids. It ends up in
+/// the immutable log and in log lines, so nothing else is accepted.
+pub fn valid_request_id(value: &[u8]) -> bool {
+    (1..=MAX_REQUEST_ID_LEN).contains(&value.len())
+        && value
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// The method as a label without allocating for the usual ones.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
     }
 }
 
-async fn record_metrics(req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().to_string();
-    let response = next.run(req).await;
-    let status = response.status().as_u16().to_string();
-    let labels = [("method", method), ("route", route), ("status", status)];
-    metrics::counter!("http_requests_total", &labels).increment(1);
-    metrics::histogram!("http_request_duration_seconds", &labels)
-        .record(started.elapsed().as_secs_f64());
-    response
+fn status_label(status: StatusCode) -> SharedString {
+    match status.as_u16() {
+        200 => SharedString::const_str("200"),
+        201 => SharedString::const_str("201"),
+        202 => SharedString::const_str("202"),
+        304 => SharedString::const_str("304"),
+        404 => SharedString::const_str("404"),
+        code => SharedString::from(code.to_string()),
+    }
 }
 
 /// `GET /healthz`: the process is alive and serving.
@@ -175,14 +266,19 @@ pub fn readiness(checks: BTreeMap<&'static str, Result<serde_json::Value, String
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then drains.
+/// Handlers may read the peer's address (`ConnectInfo<SocketAddr>`), as the
+/// command API's rate limit does; services that do not simply never ask.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 #[cfg(test)]
@@ -234,6 +330,70 @@ mod tests {
         let (status, body) = call("/slow").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["error"]["code"], "timeout");
+    }
+
+    #[test]
+    fn request_ids_are_bounded_in_length_and_characters() {
+        for good in ["req-123", "a", "0b6f.x_y:z-1", &"r".repeat(128)] {
+            assert!(valid_request_id(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "",
+            &"r".repeat(129),
+            "has space",
+            "semi;colon",
+            "new\nline",
+            "é",
+            "<script>",
+        ] {
+            assert!(!valid_request_id(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_invalid_request_id_is_replaced_before_handlers_see_it() {
+        let routes = Router::new().route(
+            "/echo",
+            get(|headers: axum::http::HeaderMap| async move {
+                headers[REQUEST_ID].to_str().unwrap().to_owned()
+            }),
+        );
+        let app = layers(routes, Duration::from_secs(5));
+        for (sent, kept) in [("good-id", true), ("bad id with spaces", false)] {
+            let response = app
+                .clone()
+                .oneshot(
+                    Request::builder()
+                        .uri("/echo")
+                        .header(REQUEST_ID, sent)
+                        .body(Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let echoed = response.headers()[REQUEST_ID].to_str().unwrap().to_owned();
+            let body = axum::body::to_bytes(response.into_body(), 4096)
+                .await
+                .unwrap();
+            assert_eq!(echoed.as_bytes(), &body[..], "handler and echo agree");
+            assert_eq!(echoed == sent, kept, "{sent} -> {echoed}");
+            assert!(valid_request_id(echoed.as_bytes()));
+        }
+    }
+
+    #[test]
+    fn ids_are_taken_in_the_hyphenated_form_only() {
+        let id = uuid::Uuid::new_v4();
+        assert_eq!(parse_uuid(&id.to_string()), Some(id));
+        assert_eq!(parse_uuid(&id.to_string().to_uppercase()), Some(id));
+        for other in [
+            id.simple().to_string(),
+            id.braced().to_string(),
+            id.urn().to_string(),
+            String::new(),
+        ] {
+            assert_eq!(parse_uuid(&other), None, "{other}");
+        }
     }
 
     #[tokio::test]

@@ -2,7 +2,7 @@
 
 use std::sync::OnceLock;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::{fmt, EnvFilter};
 
 /// Installs the global tracing subscriber and the Prometheus recorder (before
@@ -78,9 +78,16 @@ pub fn metrics_handle() -> PrometheusHandle {
             const LATENCY_BUCKETS: &[f64] = &[
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             ];
+            // Histograms are latencies in seconds, except those named
+            // `*_messages`, which count messages per batch.
+            const COUNT_BUCKETS: &[f64] =
+                &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
             let builder = PrometheusBuilder::new()
                 .set_buckets(LATENCY_BUCKETS)
-                .expect("bucket list is not empty");
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Suffix("_messages".into()), COUNT_BUCKETS)
+                })
+                .expect("bucket lists are not empty");
             match builder.install_recorder() {
                 Ok(handle) => handle,
                 // Another recorder is already global (only in tests that embed
@@ -101,4 +108,29 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_counts_get_count_buckets_and_latencies_second_buckets() {
+        let handle = metrics_handle();
+        metrics::histogram!("telemetry_test_batch_messages").record(300.0);
+        metrics::histogram!("telemetry_test_seconds").record(0.003);
+        let text = handle.render();
+        assert!(
+            text.contains("telemetry_test_batch_messages_bucket{le=\"500\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("telemetry_test_batch_messages_bucket{le=\"200\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("telemetry_test_seconds_bucket{le=\"0.005\"} 1"),
+            "{text}"
+        );
+    }
 }

@@ -2,7 +2,6 @@
 //! constant time. The token is never logged.
 
 use axum::extract::FromRequestParts;
-use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use secrecy::ExposeSecret;
 use subtle::ConstantTimeEq;
@@ -13,20 +12,18 @@ use super::AppState;
 /// Proof that the request carried the admin token.
 pub struct Admin;
 
+impl Admin {
+    /// The principal the admin token stands for: the actor recorded with the
+    /// events and the caller that scopes its idempotency keys.
+    pub const PRINCIPAL: &'static str = "admin";
+}
+
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let presented = parts
-            .headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                let (scheme, token) = v.trim().split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-            })
-            .filter(|token| !token.is_empty())
-            .ok_or(ApiError::Unauthenticated)?;
+        let presented =
+            platform::http::bearer_token(&parts.headers).ok_or(ApiError::Unauthenticated)?;
         let expected = state.admin_token.expose_secret().as_bytes();
         if bool::from(presented.as_bytes().ct_eq(expected)) {
             Ok(Admin)

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use platform::http::error_response;
 
 use crate::domain::DomainError;
+use crate::password::HashError;
 use crate::store::{AppendError, LoadError};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +64,12 @@ pub enum ApiError {
     /// 422: the `Idempotency-Key` was first used for a different command.
     #[error("this Idempotency-Key was already used with a different request")]
     IdempotencyKeyReused,
+    /// 429: this client started too many registrations; retry after `retry_after_secs`.
+    #[error("too many requests from this client; retry in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
+    /// 503: the password hashing queue is full; retry after `retry_after_secs`.
+    #[error("the service is overloaded; retry in {retry_after_secs} s")]
+    Overloaded { retry_after_secs: u64 },
     /// 503: a dependency (PostgreSQL) is unreachable; the request may be retried.
     #[error("a dependency is unavailable")]
     Unavailable(#[source] anyhow::Error),
@@ -88,7 +95,8 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Invalid { .. } | Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded { .. } | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -112,8 +120,25 @@ impl ApiError {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::Invalid { .. } => "validation_failed",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::Overloaded { .. } => "overloaded",
             Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
+        }
+    }
+}
+
+/// How long a caller refused for a full hashing queue is asked to wait: the
+/// queue drains in well under a second, so the smallest value `Retry-After` has.
+const OVERLOADED_RETRY_AFTER_SECS: u64 = 1;
+
+impl From<HashError> for ApiError {
+    fn from(e: HashError) -> Self {
+        match e {
+            HashError::Overloaded => Self::Overloaded {
+                retry_after_secs: OVERLOADED_RETRY_AFTER_SECS,
+            },
+            other => Self::Internal(other.into()),
         }
     }
 }
@@ -180,7 +205,15 @@ impl From<LoadError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        if let Self::Overloaded { .. } = &self {
+            // Expected back-pressure, not a failure: counted in
+            // `argon2_jobs_refused_total`; a line per refusal would flood the
+            // logs exactly when the service is busiest.
+            tracing::debug!(
+                code = self.code(),
+                "registration refused: hashing queue full"
+            );
+        } else if status.is_server_error() {
             // `{:#}` on anyhow prints the whole cause chain on one line.
             let cause = match &self {
                 Self::Unavailable(e) | Self::Internal(e) => format!("{e:#}"),
@@ -196,10 +229,18 @@ impl IntoResponse for ApiError {
             _ => BTreeMap::new(),
         };
         let mut response = error_response(status, self.code(), self.to_string(), fields);
-        if matches!(self, Self::Unauthenticated) {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        match &self {
+            Self::Unauthenticated => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Self::RateLimited { retry_after_secs } | Self::Overloaded { retry_after_secs } => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            _ => {}
         }
         response
     }

@@ -48,31 +48,84 @@ pub fn fingerprint(parts: &[&str]) -> String {
         .collect()
 }
 
-/// What a handler passes to the store to record its answer.
-pub fn claim(
-    key: Option<String>,
-    fingerprint: String,
-    status: StatusCode,
-    ttl: std::time::Duration,
-) -> Option<IdempotencyClaim> {
-    key.map(|key| IdempotencyClaim {
-        key,
-        fingerprint,
-        status: status.as_u16(),
-        ttl,
-    })
+/// Who sends a command, as far as its idempotency key is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller<'a> {
+    /// No credentials: registration.
+    Anonymous,
+    /// An authenticated principal (today the bootstrap `admin`).
+    Principal(&'a str),
 }
 
-/// The live answer under `key`, checked against this request's fingerprint.
-pub async fn lookup(
-    store: &EventStore,
-    key: &str,
-    fingerprint: &str,
-) -> Result<Option<StoredAnswer>, ApiError> {
-    let answer = store.stored_answer(key).await?;
-    match answer {
-        Some(answer) if answer.fingerprint != fingerprint => Err(ApiError::IdempotencyKeyReused),
-        other => Ok(other),
+/// The scope a key lives in: the caller and the route template (`route` is
+/// `"POST /users/{id}/deactivate"` and the like), so one caller's key never
+/// replays or blocks another caller's command, or a command on another route.
+///
+/// An identified caller's key is theirs on that route: the same key with
+/// another command there is a 422, which tells a client it reused a key by
+/// mistake. Anonymous callers cannot be told apart (an address is shared
+/// behind a NAT or proxy and changes when a phone changes networks, exactly
+/// when clients retry), so their scope also holds the command's fingerprint:
+/// a key only ever matches the same command. Guessing someone's key therefore
+/// cannot block their registration (another command does not collide with
+/// it), nor replay their answer (a registration replay also needs the
+/// password, checked against the logged argon2 hash).
+pub fn scope(caller: Caller<'_>, route: &str, fingerprint: &str) -> String {
+    match caller {
+        Caller::Principal(principal) => format!("{principal} {route}"),
+        Caller::Anonymous => format!("anonymous {route} {fingerprint}"),
+    }
+}
+
+/// A command sent with an `Idempotency-Key`: where the key lives and what a
+/// stored answer must match to be replayed.
+#[derive(Debug, Clone)]
+pub struct Idempotent {
+    scope: String,
+    key: String,
+    fingerprint: String,
+}
+
+impl Idempotent {
+    /// `None` when the request carried no key.
+    pub fn new(
+        key: Option<String>,
+        caller: Caller<'_>,
+        route: &str,
+        fingerprint: String,
+    ) -> Option<Self> {
+        key.map(|key| Self {
+            scope: scope(caller, route, &fingerprint),
+            key,
+            fingerprint,
+        })
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// What the store records with the events, in their transaction.
+    pub fn claim(&self, status: StatusCode, ttl: std::time::Duration) -> IdempotencyClaim {
+        IdempotencyClaim {
+            scope: self.scope.clone(),
+            key: self.key.clone(),
+            fingerprint: self.fingerprint.clone(),
+            status: status.as_u16(),
+            ttl,
+        }
+    }
+
+    /// The live answer under this key in this scope, checked against this
+    /// request's fingerprint: another command under the same key is a 422.
+    pub async fn lookup(&self, store: &EventStore) -> Result<Option<StoredAnswer>, ApiError> {
+        let answer = store.stored_answer(&self.scope, &self.key).await?;
+        match answer {
+            Some(answer) if answer.fingerprint != self.fingerprint => {
+                Err(ApiError::IdempotencyKeyReused)
+            }
+            other => Ok(other),
+        }
     }
 }
 

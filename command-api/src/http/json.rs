@@ -17,7 +17,8 @@ pub const BODY_LIMIT: usize = 16 * 1024;
 /// A required JSON body.
 pub struct JsonBody<T>(pub T);
 
-/// A JSON body that may be left out entirely (an empty body means `None`).
+/// A JSON body that may be left out entirely: an empty body, or the JSON
+/// `null`, means `None`.
 pub struct OptionalJsonBody<T>(pub Option<T>);
 
 fn declared_json(headers: &HeaderMap) -> bool {
@@ -89,6 +90,6 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJsonBody<T>
         if !is_json {
             return Err(ApiError::UnsupportedMediaType);
         }
-        parse(&bytes).map(|v| Self(Some(v)))
+        parse::<Option<T>>(&bytes).map(Self)
     }
 }

@@ -6,6 +6,7 @@ pub mod idempotency;
 pub mod json;
 pub mod openapi;
 pub mod ops;
+pub mod rate_limit;
 pub mod users;
 
 use std::sync::Arc;
@@ -28,6 +29,7 @@ pub struct AppState {
     pub admin_token: Arc<SecretString>,
     pub relay: RelayStatus,
     pub idempotency_ttl: Duration,
+    pub registration_limiter: rate_limit::RegistrationLimiter,
 }
 
 pub fn router(state: AppState, request_timeout: Duration) -> Router {

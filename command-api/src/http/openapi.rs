@@ -53,5 +53,26 @@ impl Modify for AdminToken {
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",
     responses((status = 200, description = "The OpenAPI 3.1 description of this API", content_type = "application/json")))]
 pub async fn serve() -> impl IntoResponse {
-    Json(ApiDoc::openapi())
+    Json(document())
+}
+
+/// The document as served: [`ApiDoc`] plus OpenAPI links from a
+/// registration's answer to the status commands (its `id` is their `{id}`),
+/// so clients and schema-driven tests can follow them. Added as JSON because
+/// utoipa 5 spells a link's `operationId` as `operation_id`.
+pub fn document() -> serde_json::Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the document serialises");
+    let links: serde_json::Map<String, serde_json::Value> = ["deactivate", "reactivate"]
+        .into_iter()
+        .map(|operation| {
+            let link = serde_json::json!({
+                "operationId": operation,
+                "parameters": { "id": "$response.body#/id" },
+                "description": format!("{operation} the user just registered"),
+            });
+            (format!("{operation}_registered_user"), link)
+        })
+        .collect();
+    doc["paths"]["/users"]["post"]["responses"]["201"]["links"] = links.into();
+    doc
 }

@@ -14,12 +14,16 @@ use uuid::Uuid;
 
 use super::auth::Admin;
 use super::error::ApiError;
-use super::idempotency;
+use super::idempotency::{self, Caller, Idempotent};
 use super::json::{JsonBody, OptionalJsonBody};
+use super::rate_limit::WithinRateLimit;
 use super::AppState;
 use crate::domain::{decide, Command, User};
-use crate::store::{AppendError, StoredAnswer};
+use crate::store::{AppendError, StoredAnswer, Taken};
 use crate::validation::{self, FieldErrors};
+
+/// The registration route, as idempotency scopes and fingerprints name it.
+const REGISTER_ROUTE: &str = "POST /users";
 
 /// How often a status command re-reads the stream and decides again after
 /// losing an append race, before answering 409 `concurrent_modification`.
@@ -36,14 +40,28 @@ pub fn router() -> Router<AppState> {
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
-    /// 3–32 characters of `[a-z0-9_.-]` after trimming and lower-casing; unique.
-    #[schema(example = "alice")]
+    /// 3–32 characters of `[A-Za-z0-9_.-]`, with any surrounding ASCII
+    /// whitespace; stored trimmed and lower-cased, unique in that form.
+    #[schema(
+        example = "alice",
+        pattern = r"^[\t\n\f\r ]*[A-Za-z0-9_.-]{3,32}[\t\n\f\r ]*$"
+    )]
     pub username: String,
-    /// A valid address; trimmed and lower-cased; unique.
-    #[schema(example = "alice@example.com")]
+    /// An address `local@domain` of at most 254 characters (a dot-atom local
+    /// part of at most 64; domain labels of letters, digits and hyphens),
+    /// with any surrounding ASCII whitespace; stored trimmed and lower-cased,
+    /// unique in that form.
+    #[schema(
+        example = "alice@example.com",
+        pattern = r"^[\t\n\f\r ]*(?=[^\t\n\f\r ]{3,254}[\t\n\f\r ]*$)(?=[^@]{1,64}@)[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?[\t\n\f\r ]*$"
+    )]
     pub email: String,
     /// 12–128 characters. Hashed with argon2id; never stored or returned as sent.
-    #[schema(example = "correct horse battery staple")]
+    #[schema(
+        example = "correct horse battery staple",
+        min_length = 12,
+        max_length = 128
+    )]
     pub password: String,
 }
 
@@ -51,8 +69,9 @@ pub struct RegisterRequest {
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StatusRequest {
-    /// Why, for the audit trail; at most 500 characters.
+    /// Why, for the audit trail; at most 500 characters (stored trimmed).
     #[serde(default)]
+    #[schema(max_length = 500)]
     pub reason: Option<String>,
 }
 
@@ -74,7 +93,7 @@ fn header(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Correlation and causation are the request id (set by the request-id layer
+/// Correlation and causation are the request id (set by the HTTP envelope
 /// from `X-Request-Id`, or generated): an HTTP command is caused by its request.
 fn metadata(headers: &HeaderMap, actor: &str, key: Option<&str>) -> EventMetadata {
     let request_id = header(headers, platform::http::REQUEST_ID.as_str());
@@ -90,8 +109,8 @@ fn metadata(headers: &HeaderMap, actor: &str, key: Option<&str>) -> EventMetadat
 #[utoipa::path(post, path = "/users", tag = "users",
     request_body(content = RegisterRequest, content_type = "application/json"),
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body get the first answer; 1–255 visible ASCII characters"),
-        ("X-Request-Id" = Option<String>, Header, description = "Correlation id recorded with the events; generated when absent and echoed back"),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Retries with the same key and body (and password) get the first answer; 1–255 visible ASCII characters. Keys of anonymous callers are scoped by the command: the same key with another body is a new command, never a replay", pattern = "^[!-~]{1,255}$"),
+        ("X-Request-Id" = Option<String>, Header, nullable = false, description = "Correlation id recorded with the events: 1–128 characters of `[A-Za-z0-9._:-]`, otherwise replaced by a generated one; generated when absent and echoed back"),
     ),
     responses(
         (status = 201, description = "Registered", body = Accepted, headers(
@@ -101,13 +120,17 @@ fn metadata(headers: &HeaderMap, actor: &str, key: Option<&str>) -> EventMetadat
         (status = 409, description = "`username_taken`, `email_taken` or `concurrent_modification`", body = ErrorBody),
         (status = 413, description = "Body over 16 KiB (`payload_too_large`)", body = ErrorBody),
         (status = 415, description = "Body not sent as application/json (`unsupported_media_type`)", body = ErrorBody),
-        (status = 422, description = "Invalid or unknown fields (`validation_failed`, with `fields`) or a reused Idempotency-Key (`idempotency_key_reused`)", body = ErrorBody),
+        (status = 422, description = "Invalid or unknown fields (`validation_failed`, with `fields`) or an Idempotency-Key whose first registration had another password (`idempotency_key_reused`)", body = ErrorBody),
+        (status = 429, description = "This client started more registrations than its quota (`rate_limited`)", body = ErrorBody, headers(
+            ("Retry-After" = u64, description = "Seconds until this client may register again"))),
         (status = 500, description = "An unexpected failure (`internal`); details are logged, not returned", body = ErrorBody),
-        (status = 503, description = "PostgreSQL unavailable or the request timed out (`unavailable`, `timeout`)", body = ErrorBody),
+        (status = 503, description = "The password hashing queue is full (`overloaded`, with `Retry-After`), PostgreSQL unavailable (`unavailable`) or the request timed out (`timeout`)", body = ErrorBody, headers(
+            ("Retry-After" = u64, description = "With `overloaded`: seconds to wait before retrying"))),
     ))]
 #[tracing::instrument(name = "register_user", skip_all)]
 pub(crate) async fn register(
     State(state): State<AppState>,
+    _quota: WithinRateLimit,
     headers: HeaderMap,
     JsonBody(body): JsonBody<RegisterRequest>,
 ) -> Result<Response, ApiError> {
@@ -125,18 +148,32 @@ pub(crate) async fn register(
     let password = SecretString::from(body.password);
     // The password is not part of the fingerprint (it must not be stored even
     // hashed fast); a replay checks it against the user's argon2 hash instead.
-    let fingerprint = idempotency::fingerprint(&["POST /users", &username, &email]);
-    if let Some(key) = &key {
-        if let Some(answer) = idempotency::lookup(&state.store, key, &fingerprint).await? {
+    let fingerprint = idempotency::fingerprint(&[REGISTER_ROUTE, &username, &email]);
+    let idempotent = Idempotent::new(key, Caller::Anonymous, REGISTER_ROUTE, fingerprint);
+    if let Some(answer) = lookup(&state, idempotent.as_ref()).await? {
+        return replay_registration(&state, &answer, password).await;
+    }
+    // A place in the hashing queue first: when it is full the answer is 503
+    // `overloaded` at once, before the database is asked anything.
+    let slot = state.hasher.reserve()?;
+    // A name already taken is refused before any argon2 work, so a flood of
+    // taken names costs one indexed look-up each. The reservation below, in
+    // the appending transaction, stays the guarantee against races.
+    let taken = state.store.identity_taken(&username, &email).await?;
+    if taken != Taken::Neither {
+        // A retry whose first attempt committed since the look-up above sees
+        // its own name taken: it gets its answer, not a 409.
+        drop(slot);
+        if let Some(answer) = lookup(&state, idempotent.as_ref()).await? {
             return replay_registration(&state, &answer, password).await;
         }
+        return Err(match taken {
+            Taken::Username => ApiError::UsernameTaken,
+            _ => ApiError::EmailTaken,
+        });
     }
 
-    let password_hash = state
-        .hasher
-        .hash(password.clone())
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?;
+    let password_hash = slot.hash(password.clone()).await?;
     let id = Uuid::now_v7();
     let events = decide(
         &User::default(),
@@ -146,13 +183,14 @@ pub(crate) async fn register(
             password_hash,
         },
     )?;
-    let claim = idempotency::claim(
-        key.clone(),
-        fingerprint.clone(),
-        StatusCode::CREATED,
-        state.idempotency_ttl,
+    let claim = idempotent
+        .as_ref()
+        .map(|i| i.claim(StatusCode::CREATED, state.idempotency_ttl));
+    let metadata = metadata(
+        &headers,
+        ANONYMOUS,
+        idempotent.as_ref().map(Idempotent::key),
     );
-    let metadata = metadata(&headers, "anonymous", key.as_deref());
     match state
         .store
         .register(id, &username, &email, &events, &metadata, claim.as_ref())
@@ -168,14 +206,25 @@ pub(crate) async fn register(
             Ok(accepted.respond(StatusCode::CREATED))
         }
         // The same key won a race with this request: answer as it did.
-        Err(AppendError::IdempotencyKeyTaken) => {
-            let key = key.as_deref().unwrap_or_default();
-            match idempotency::lookup(&state.store, key, &fingerprint).await? {
-                Some(answer) => replay_registration(&state, &answer, password).await,
-                None => Err(ApiError::ConcurrentModification),
-            }
-        }
+        Err(AppendError::IdempotencyKeyTaken) => match lookup(&state, idempotent.as_ref()).await? {
+            Some(answer) => replay_registration(&state, &answer, password).await,
+            None => Err(ApiError::ConcurrentModification),
+        },
         Err(other) => Err(other.into()),
+    }
+}
+
+/// The actor recorded for commands sent without credentials.
+const ANONYMOUS: &str = "anonymous";
+
+/// The live answer under the request's key, if it sent one.
+async fn lookup(
+    state: &AppState,
+    idempotent: Option<&Idempotent>,
+) -> Result<Option<StoredAnswer>, ApiError> {
+    match idempotent {
+        Some(idempotent) => idempotent.lookup(&state.store).await,
+        None => Ok(None),
     }
 }
 
@@ -193,8 +242,7 @@ async fn replay_registration(
     let same = state
         .hasher
         .verify(password, registered.password_hash)
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?;
+        .await?;
     if same {
         Ok(idempotency::replay(answer))
     } else {
@@ -204,12 +252,12 @@ async fn replay_registration(
 
 /// Deactivates a user: appends UserDeactivated. Requires the admin token.
 #[utoipa::path(post, path = "/users/{id}/deactivate", tag = "users",
-    request_body(content = Option<StatusRequest>, content_type = "application/json", description = "Optional; may be left out"),
+    request_body(content = Option<StatusRequest>, content_type = "application/json", description = "Optional; may be left out or `null`"),
     params(
-        ("id" = String, Path, description = "The user id (a UUID)"),
-        ("If-Match" = Option<String>, Header, description = "`\"<version>\"` makes the command conditional on the user's version; `*` on the user existing"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body get the first answer"),
-        ("X-Request-Id" = Option<String>, Header, description = "Correlation id recorded with the events"),
+        ("id" = Uuid, Path, description = "The user id"),
+        ("If-Match" = Option<String>, Header, nullable = false, example = "\"1\"", description = "RFC 9110: `*` makes the command conditional on the user existing; entity tags (such as `\"3\"`, the `ETag` of version 3) on the user's current version being one of them, otherwise 412. Weak tags and values naming no version match nothing"),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Retries with the same key and body get the first answer; keys are scoped by caller and route; 1–255 visible ASCII characters", pattern = "^[!-~]{1,255}$"),
+        ("X-Request-Id" = Option<String>, Header, nullable = false, description = "Correlation id recorded with the events: 1–128 characters of `[A-Za-z0-9._:-]`, otherwise replaced by a generated one; echoed back"),
     ),
     security(("admin_token" = [])),
     responses(
@@ -219,7 +267,7 @@ async fn replay_registration(
         (status = 403, description = "Not the admin token (`forbidden`)", body = ErrorBody),
         (status = 404, description = "No such user (`user_not_found`)", body = ErrorBody),
         (status = 409, description = "`already_deactivated` or `concurrent_modification`", body = ErrorBody),
-        (status = 412, description = "If-Match names another version (`precondition_failed`)", body = ErrorBody),
+        (status = 412, description = "If-Match names no tag of the user's current version (`precondition_failed`)", body = ErrorBody),
         (status = 413, description = "Body over 16 KiB (`payload_too_large`)", body = ErrorBody),
         (status = 415, description = "Body not sent as application/json (`unsupported_media_type`)", body = ErrorBody),
         (status = 422, description = "Invalid or unknown fields (`validation_failed`) or a reused Idempotency-Key (`idempotency_key_reused`)", body = ErrorBody),
@@ -239,12 +287,12 @@ pub(crate) async fn deactivate(
 
 /// Reactivates a user: appends UserReactivated. Requires the admin token.
 #[utoipa::path(post, path = "/users/{id}/reactivate", tag = "users",
-    request_body(content = Option<StatusRequest>, content_type = "application/json", description = "Optional; may be left out"),
+    request_body(content = Option<StatusRequest>, content_type = "application/json", description = "Optional; may be left out or `null`"),
     params(
-        ("id" = String, Path, description = "The user id (a UUID)"),
-        ("If-Match" = Option<String>, Header, description = "`\"<version>\"` makes the command conditional on the user's version; `*` on the user existing"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body get the first answer"),
-        ("X-Request-Id" = Option<String>, Header, description = "Correlation id recorded with the events"),
+        ("id" = Uuid, Path, description = "The user id"),
+        ("If-Match" = Option<String>, Header, nullable = false, example = "\"1\"", description = "RFC 9110: `*` makes the command conditional on the user existing; entity tags (such as `\"3\"`, the `ETag` of version 3) on the user's current version being one of them, otherwise 412. Weak tags and values naming no version match nothing"),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Retries with the same key and body get the first answer; keys are scoped by caller and route; 1–255 visible ASCII characters", pattern = "^[!-~]{1,255}$"),
+        ("X-Request-Id" = Option<String>, Header, nullable = false, description = "Correlation id recorded with the events: 1–128 characters of `[A-Za-z0-9._:-]`, otherwise replaced by a generated one; echoed back"),
     ),
     security(("admin_token" = [])),
     responses(
@@ -254,7 +302,7 @@ pub(crate) async fn deactivate(
         (status = 403, description = "Not the admin token (`forbidden`)", body = ErrorBody),
         (status = 404, description = "No such user (`user_not_found`)", body = ErrorBody),
         (status = 409, description = "`already_active` or `concurrent_modification`", body = ErrorBody),
-        (status = 412, description = "If-Match names another version (`precondition_failed`)", body = ErrorBody),
+        (status = 412, description = "If-Match names no tag of the user's current version (`precondition_failed`)", body = ErrorBody),
         (status = 413, description = "Body over 16 KiB (`payload_too_large`)", body = ErrorBody),
         (status = 415, description = "Body not sent as application/json (`unsupported_media_type`)", body = ErrorBody),
         (status = 422, description = "Invalid or unknown fields (`validation_failed`) or a reused Idempotency-Key (`idempotency_key_reused`)", body = ErrorBody),
@@ -305,7 +353,7 @@ async fn status_command(
     let reason = parse_reason(body)?;
     let fingerprint =
         idempotency::fingerprint(&[toggle.route(), id, reason.as_deref().unwrap_or("")]);
-    change_status(state, id, headers, fingerprint, || {
+    change_status(state, id, headers, toggle.route(), fingerprint, || {
         toggle.command(reason.clone())
     })
     .await
@@ -320,29 +368,42 @@ fn parse_reason(body: Option<StatusRequest>) -> Result<Option<String>, ApiError>
     })
 }
 
-/// `If-Match`: `*` (the user must exist) or one quoted version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `If-Match` (RFC 9110, 13.1.1): `*` (the user must exist) or a list of
+/// entity tags, of which one must be the user's current ETag `"<version>"`
+/// (strong comparison: weak tags never match). A value naming no version
+/// matches nothing, so the command answers 412 rather than run unconditionally.
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum IfMatch {
     Any,
-    Version(i32),
+    Versions(Vec<i32>),
 }
 
-fn if_match(headers: &HeaderMap) -> Result<Option<IfMatch>, ApiError> {
-    let Some(raw) = header(headers, "if-match") else {
-        return Ok(None);
-    };
-    let raw = raw.trim();
-    if raw == "*" {
-        return Ok(Some(IfMatch::Any));
+impl IfMatch {
+    fn admits(&self, version: i32) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Versions(versions) => versions.contains(&version),
+        }
     }
-    raw.strip_prefix('"')
-        .and_then(|r| r.strip_suffix('"'))
-        .and_then(|v| v.parse().ok())
-        .map(|v| Some(IfMatch::Version(v)))
-        .ok_or(ApiError::InvalidHeader {
-            name: "If-Match",
-            reason: "must be \"*\" or a quoted version such as \"3\"",
+}
+
+fn if_match(headers: &HeaderMap) -> Option<IfMatch> {
+    let raw = headers.get(axum::http::header::IF_MATCH)?.as_bytes();
+    if raw.trim_ascii() == b"*" {
+        return Some(IfMatch::Any);
+    }
+    let versions = raw
+        .split(|b| *b == b',')
+        .filter_map(|tag| {
+            let digits = tag.trim_ascii().strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+            let plain =
+                !digits.is_empty() && digits[0] != b'0' && digits.iter().all(u8::is_ascii_digit);
+            plain
+                .then(|| std::str::from_utf8(digits).ok()?.parse().ok())
+                .flatten()
         })
+        .collect();
+    Some(IfMatch::Versions(versions))
 }
 
 /// Load, check the precondition, decide, append. Without `If-Match`, a lost
@@ -351,29 +412,34 @@ async fn change_status(
     state: &AppState,
     id: &str,
     headers: &HeaderMap,
+    route: &str,
     fingerprint: String,
     command: impl Fn() -> Command,
 ) -> Result<Response, ApiError> {
-    let id = Uuid::parse_str(id).map_err(|_| ApiError::InvalidId)?;
-    let precondition = if_match(headers)?;
-    let key = idempotency::key(headers)?;
-    if let Some(key) = &key {
-        if let Some(answer) = idempotency::lookup(&state.store, key, &fingerprint).await? {
-            return Ok(idempotency::replay(&answer));
-        }
-    }
-    let metadata = metadata(headers, "admin", key.as_deref());
-    let claim = idempotency::claim(
-        key.clone(),
-        fingerprint.clone(),
-        StatusCode::OK,
-        state.idempotency_ttl,
+    let id = platform::http::parse_uuid(id).ok_or(ApiError::InvalidId)?;
+    let precondition = if_match(headers);
+    let idempotent = Idempotent::new(
+        idempotency::key(headers)?,
+        Caller::Principal(Admin::PRINCIPAL),
+        route,
+        fingerprint,
     );
+    if let Some(answer) = lookup(state, idempotent.as_ref()).await? {
+        return Ok(idempotency::replay(&answer));
+    }
+    let metadata = metadata(
+        headers,
+        Admin::PRINCIPAL,
+        idempotent.as_ref().map(Idempotent::key),
+    );
+    let claim = idempotent
+        .as_ref()
+        .map(|i| i.claim(StatusCode::OK, state.idempotency_ttl));
     for _ in 0..MAX_ATTEMPTS {
         let history = state.store.load(id).await?;
         let user = User::from_events(&history);
-        if let Some(IfMatch::Version(expected)) = precondition {
-            if user.version != 0 && user.version != expected {
+        if let Some(wanted) = &precondition {
+            if user.version != 0 && !wanted.admits(user.version) {
                 return Err(ApiError::PreconditionFailed {
                     current: user.version,
                 });
@@ -395,7 +461,7 @@ async fn change_status(
                 return Ok(accepted.respond(StatusCode::OK));
             }
             Err(AppendError::VersionConflict)
-                if matches!(precondition, Some(IfMatch::Version(_))) =>
+                if matches!(precondition, Some(IfMatch::Versions(_))) =>
             {
                 let current = User::from_events(&state.store.load(id).await?).version;
                 return Err(ApiError::PreconditionFailed { current });
@@ -404,8 +470,7 @@ async fn change_status(
                 tracing::debug!("lost an append race; deciding again on fresh state");
             }
             Err(AppendError::IdempotencyKeyTaken) => {
-                let key = key.as_deref().unwrap_or_default();
-                return match idempotency::lookup(&state.store, key, &fingerprint).await? {
+                return match lookup(state, idempotent.as_ref()).await? {
                     Some(answer) => Ok(idempotency::replay(&answer)),
                     None => Err(ApiError::ConcurrentModification),
                 };
