@@ -4,9 +4,10 @@
 
 # ---- build ------------------------------------------------------------------
 FROM rust:1-bookworm AS builder
-# librdkafka is compiled from source by rdkafka-sys: C/C++ toolchain and cmake.
+# librdkafka is compiled from source by rdkafka-sys: C/C++ toolchain and cmake,
+# and linked against OpenSSL for Kafka TLS and SCRAM.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential cmake pkg-config \
+    && apt-get install -y --no-install-recommends build-essential cmake pkg-config libssl-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -18,9 +19,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 # ---- run --------------------------------------------------------------------
 FROM debian:bookworm-slim
-# curl is only for the healthchecks in docker-compose.yml.
+# curl is only for the healthchecks in docker-compose.yml; libssl3 for
+# librdkafka's TLS; ca-certificates for every TLS client.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates curl \
+    && apt-get install -y --no-install-recommends ca-certificates curl libssl3 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 userstream \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin userstream

@@ -13,11 +13,17 @@
 //! views, parked messages and partition progress, mark the changed users
 //! pending in Redis, commit; then put the new views in Redis.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use events::{project, IntegrationEvent, Projection, UserView};
 use platform::telemetry::error_chain;
-use read_model::{rows, state, ViewCache, ViewRows};
+use read_model::cache::MARK_COMMIT_WITHIN;
+use read_model::{rows, state, Namespace, ViewCache, ViewRows};
 use uuid::Uuid;
 
 use crate::log;
@@ -29,6 +35,11 @@ use crate::parked::{self, Park, Reason};
 pub struct ReadModel {
     pub rows: ViewRows,
     pub cache: ViewCache,
+    /// The Redis put of the last batch, which runs on while the next batch
+    /// is applied (see [`Self::flush_cache`]).
+    last_put: Arc<Mutex<Option<JoinHandle<()>>>>,
+    /// Counts committed batches, for the frontier task ([`Self::commits`]).
+    committed: Arc<watch::Sender<u64>>,
 }
 
 /// What one batch did.
@@ -56,6 +67,31 @@ pub enum Mode {
 }
 
 impl ReadModel {
+    pub fn new(rows: ViewRows, cache: ViewCache) -> Self {
+        Self {
+            rows,
+            cache,
+            last_put: Arc::default(),
+            committed: Arc::new(watch::channel(0).0),
+        }
+    }
+
+    /// Changes after every committed batch.
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.committed.subscribe()
+    }
+
+    /// Waits for the last batch's Redis put (at shutdown, and for tests).
+    pub async fn flush_cache(&self) {
+        let put = match self.last_put.lock() {
+            Ok(mut last) => last.take(),
+            Err(_) => None,
+        };
+        if let Some(put) = put {
+            let _ = put.await;
+        }
+    }
+
     /// Applies `messages` (in consumption order) in one transaction.
     #[tracing::instrument(name = "apply_batch", skip_all, fields(messages = messages.len()))]
     pub async fn apply_batch(
@@ -82,12 +118,37 @@ impl ReadModel {
             }
         }
 
-        let mut tx = self.rows.pool().begin().await?;
-        let projection = state::lock(&mut tx).await?;
+        // Where each event is in the log is read on a second connection while
+        // the transaction starts, takes the state lock and reads the views of
+        // the users the messages name (a superset of those that check out).
+        // The log is append-only: what `locate` finds has committed, so the
+        // transaction's later reads see it too.
+        let ids: Vec<Uuid> = events.iter().map(|(_, e)| e.event_id).collect();
+        let named: Vec<Uuid> = events
+            .iter()
+            .map(|(_, e)| e.user_id)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let pool = self.rows.pool();
+        let (in_log, (mut tx, projection, next_seq, mut views)) = tokio::try_join!(
+            async {
+                let mut conn = pool.acquire().await?;
+                log::locate(&mut conn, &ids).await
+            },
+            async {
+                let mut tx = pool.begin_with(state::BEGIN_LOCKED).await?;
+                let (projection, next_seq) = state::load_for_batch(&mut tx).await?;
+                let views: HashMap<Uuid, UserView> = rows::load_many(&mut tx, &named)
+                    .await?
+                    .into_iter()
+                    .map(|v| (v.id, v))
+                    .collect();
+                Ok::<_, sqlx::Error>((tx, projection, next_seq, views))
+            },
+        )?;
 
         // Only events that are in the log, where the message says, count.
-        let ids: Vec<Uuid> = events.iter().map(|(_, e)| e.event_id).collect();
-        let in_log = log::locate(&mut tx, &ids).await?;
         events.retain(|(index, event)| {
             let found = in_log.get(&event.event_id);
             if found == Some(&(event.user_id, event.stream_version)) {
@@ -110,12 +171,6 @@ impl ReadModel {
             let v = wanted.entry(event.user_id).or_default();
             *v = (*v).max(event.stream_version);
         }
-        let users: Vec<Uuid> = wanted.keys().copied().collect();
-        let mut views: HashMap<Uuid, UserView> = rows::lock_many(&mut tx, &users)
-            .await?
-            .into_iter()
-            .map(|v| (v.id, v))
-            .collect();
         let ranges: Vec<(Uuid, i32, i32)> = wanted
             .iter()
             .map(|(user, upto)| (*user, views.get(user).map_or(0, |v| v.version), *upto))
@@ -193,25 +248,33 @@ impl ReadModel {
         }
 
         let changed: Vec<&UserView> = changed.keys().filter_map(|id| views.get(id)).collect();
-        rows::upsert_many(&mut tx, &changed).await?;
-        parked::insert(&mut tx, messages, &parks).await?;
-        if mode == Mode::Consume {
-            log::record_progress(&mut tx, messages, &events).await?;
-        }
 
+        // Redis is told of the batch before it commits (see `read_model::cache`).
+        // Done before the writes: the transaction takes its xid with its first
+        // write, and an open xid holds the relay back, so the writes and the
+        // commit follow each other directly.
         let mut marked_ns = None;
+        let mut hot = Vec::new();
+        let marked_at = Instant::now();
+        let mut epoch = projection.cache_epoch;
         if !changed.is_empty() {
-            let seq = state::next_batch_seq(&mut tx).await?;
-            let mut epoch = projection.cache_epoch;
             if let Some(ns) = projection.namespace() {
                 let pending: Vec<(Uuid, i32)> = changed.iter().map(|v| (v.id, v.version)).collect();
                 match self
                     .cache
-                    .mark(ns, projection.batch_seq, seq, &pending)
+                    .mark(ns, projection.batch_seq, next_seq, &pending)
                     .await
                 {
-                    Ok(true) => marked_ns = Some(ns),
-                    Ok(false) => {
+                    Ok(Some(cached)) => {
+                        marked_ns = Some(ns);
+                        hot = changed
+                            .iter()
+                            .zip(cached)
+                            .filter(|(_, cached)| *cached)
+                            .map(|(view, _)| (*view).clone())
+                            .collect();
+                    }
+                    Ok(None) => {
                         metrics::counter!("projector_cache_dropped_total", "why" => "behind")
                             .increment(1);
                         tracing::warn!(epoch = ns.epoch, "the Redis namespace lost writes; readers stop trusting it until a fresh one is opened");
@@ -225,18 +288,47 @@ impl ReadModel {
                     }
                 }
             }
-            state::record_batch(&mut tx, seq, epoch).await?;
+        }
+        rows::upsert_many(&mut tx, &changed).await?;
+        parked::insert(&mut tx, messages, &parks).await?;
+        if mode == Mode::Consume {
+            log::record_progress(&mut tx, messages, &events).await?;
+        }
+        if marked_ns.is_some() && marked_at.elapsed() > MARK_COMMIT_WITHIN {
+            // The marks may expire before a reader's late fill would meet them.
+            metrics::counter!("projector_cache_dropped_total", "why" => "slow").increment(1);
+            tracing::warn!(elapsed = ?marked_at.elapsed(), "the batch took too long after marking Redis; readers stop trusting it until a fresh namespace is opened");
+            marked_ns = None;
+            epoch = None;
+        }
+        if !changed.is_empty() {
+            state::record_batch(&mut tx, next_seq, epoch).await?;
         }
         tx.commit().await?;
+        self.committed.send_modify(|n| *n += 1);
 
-        if let Some(ns) = marked_ns {
-            // Between the commit and the Redis write of a batch that changed views.
+        if !changed.is_empty() {
+            // Between the commit of views and their Redis write.
             fail::fail_point!("projector::after_commit");
+        }
+        if let Some(ns) = marked_ns {
             outcome.cache_marked = true;
-            if let Err(error) = self.cache.put_many(ns, &changed).await {
-                // The entries stay pending: readers miss and read PostgreSQL.
-                metrics::counter!("projector_cache_errors_total").increment(1);
-                tracing::warn!(error = %error_chain(&error), "could not put views in Redis; they stay pending and readers use PostgreSQL");
+            // Only views a reader cached are rewritten; the others stay
+            // pending until the next reader fills them (or the mark expires).
+            let put = refresh_views(self.cache.clone(), ns, hot);
+            match mode {
+                // Readers see the batch from the commit on (pending entries
+                // send them to PostgreSQL), so the next batch need not wait for
+                // the put. Redis runs one connection's commands in order, and
+                // the scripts compare versions, so a later batch's mark is
+                // never undone by this put.
+                Mode::Consume => {
+                    let put = tokio::spawn(put);
+                    if let Ok(mut last) = self.last_put.lock() {
+                        *last = Some(put);
+                    }
+                }
+                Mode::Retry => put.await,
             }
         }
         outcome.parked = parks.iter().map(|p| (p.index, p.reason)).collect();
@@ -252,5 +344,18 @@ impl ReadModel {
             );
         }
         Ok(outcome)
+    }
+}
+
+/// Rewrites a committed batch's cached views in Redis. On failure the
+/// entries stay pending: readers miss and read PostgreSQL.
+async fn refresh_views(cache: ViewCache, ns: Namespace, views: Vec<UserView>) {
+    if views.is_empty() {
+        return;
+    }
+    let views: Vec<&UserView> = views.iter().collect();
+    if let Err(error) = cache.refresh_many(ns, &views).await {
+        metrics::counter!("projector_cache_errors_total").increment(1);
+        tracing::warn!(error = %error_chain(&error), "could not put views in Redis; they stay pending and readers use PostgreSQL");
     }
 }

@@ -7,6 +7,7 @@
 pub mod batch;
 pub mod config;
 pub mod fold;
+pub mod frontier;
 pub mod keeper;
 pub mod log;
 pub mod message;

@@ -89,21 +89,30 @@ pub async fn record_progress(
             entry.1 = entry.1.max(event.global_position);
         }
     }
+    let mut topics = Vec::with_capacity(progress.len());
+    let mut partitions = Vec::with_capacity(progress.len());
+    let mut next_offsets = Vec::with_capacity(progress.len());
+    let mut positions = Vec::with_capacity(progress.len());
     for ((topic, partition), (next_offset, position)) in progress {
-        sqlx::query(
-            "INSERT INTO projector_partitions (topic, partition, next_offset, last_position, updated_at) \
-             VALUES ($1, $2, $3, $4, now()) \
-             ON CONFLICT (topic, partition) DO UPDATE SET \
-               next_offset = GREATEST(projector_partitions.next_offset, EXCLUDED.next_offset), \
-               last_position = GREATEST(projector_partitions.last_position, EXCLUDED.last_position), \
-               updated_at = now()",
-        )
-        .bind(topic)
-        .bind(partition)
-        .bind(next_offset)
-        .bind(position)
-        .execute(&mut *tx)
-        .await?;
+        topics.push(topic);
+        partitions.push(partition);
+        next_offsets.push(next_offset);
+        positions.push(position);
     }
+    // One statement for every partition the batch touched.
+    sqlx::query(
+        "INSERT INTO projector_partitions (topic, partition, next_offset, last_position, updated_at) \
+         SELECT t, p, o, l, now() FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::bigint[]) AS u(t, p, o, l) \
+         ON CONFLICT (topic, partition) DO UPDATE SET \
+           next_offset = GREATEST(projector_partitions.next_offset, EXCLUDED.next_offset), \
+           last_position = GREATEST(projector_partitions.last_position, EXCLUDED.last_position), \
+           updated_at = now()",
+    )
+    .bind(&topics)
+    .bind(&partitions)
+    .bind(&next_offsets)
+    .bind(&positions)
+    .execute(tx)
+    .await?;
     Ok(())
 }

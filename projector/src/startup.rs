@@ -17,7 +17,7 @@ use read_model::{ViewCache, ViewRows};
 use crate::batch::ReadModel;
 use crate::config::Settings;
 use crate::worker::Worker;
-use crate::{keeper, parked, status};
+use crate::{frontier, keeper, parked, status};
 
 /// How long a graceful stop waits for the consumer to commit its offsets.
 const STOP_WAIT: Duration = Duration::from_secs(10);
@@ -45,10 +45,7 @@ pub async fn read_model(settings: &Settings) -> anyhow::Result<ReadModel> {
         .connect(Duration::from_secs(5), "projector")
         .await?;
     let cache = ViewCache::from_settings(&settings.cache).context("REDIS_URL is invalid")?;
-    Ok(ReadModel {
-        rows: ViewRows::new(pool),
-        cache,
-    })
+    Ok(ReadModel::new(ViewRows::new(pool), cache))
 }
 
 impl Application {
@@ -93,6 +90,14 @@ impl Application {
         tasks.spawn(
             "cache_keeper",
             keeper::run_until_stopped(self.model.clone(), tasks.shutdown()),
+        );
+        tasks.spawn(
+            "frontier",
+            frontier::run_until_stopped(
+                self.model.rows.pool().clone(),
+                self.model.commits(),
+                tasks.shutdown(),
+            ),
         );
         tasks.spawn(
             "status_metrics",

@@ -137,6 +137,19 @@ async fn compare_cache(
         if fold.problems.contains_key(&user_id) {
             continue;
         }
+        if entry.version == 0 {
+            // A cached absence: true as long as the log has no such user.
+            if let Some(expected) = fold.views.get(&user_id) {
+                differences.push(Difference {
+                    user_id,
+                    what: format!(
+                        "Redis caches the user as absent; the log has version {}",
+                        expected.version
+                    ),
+                });
+            }
+            continue;
+        }
         let Some(expected) = fold.views.get(&user_id) else {
             differences.push(Difference {
                 user_id,

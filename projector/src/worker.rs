@@ -45,7 +45,9 @@ pub struct Worker {
 }
 
 pub fn consumer_config(settings: &Settings) -> ClientConfig {
-    let mut config = ClientConfig::new();
+    // Security and tuning from KAFKA_CONFIG_* / KAFKA_SASL_* / KAFKA_SSL_*
+    // first (see platform::kafka); the settings below win over them.
+    let mut config = platform::kafka::client_config_from_env();
     config
         .set("bootstrap.servers", &settings.kafka_brokers)
         .set("group.id", &settings.kafka_group_id)
@@ -89,6 +91,8 @@ impl Worker {
                 break;
             }
         }
+        // The last batch's views reach Redis before the process ends.
+        self.model.flush_cache().await;
         if let Err(error) = self.consumer.commit_consumer_state(CommitMode::Sync) {
             // Nothing stored yet is the usual cause; the next start re-reads.
             tracing::debug!(error = %error_chain(&error), "final offset commit");

@@ -3,9 +3,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use platform::config::{parse, InvalidSetting};
+use platform::config::{parse, string, InvalidSetting};
 use platform::db::DatabaseSettings;
 use read_model::CacheSettings;
+use secrecy::SecretString;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -18,6 +19,13 @@ pub struct Settings {
     pub cache: CacheSettings,
     /// `REQUEST_TIMEOUT_MS`, default 5 000.
     pub request_timeout: Duration,
+    /// `QUERY_API_TOKEN`: when set (at least 16 characters), every `/users`
+    /// read needs `Authorization: Bearer <it>`. Unset, the API is for
+    /// internal networks only.
+    pub token: Option<SecretString>,
+    /// `READ_WAIT_MAX_MS`, default 2 000: the longest a read with
+    /// `min_version` or `min_position` waits for the read model.
+    pub read_wait: Duration,
 }
 
 impl Settings {
@@ -27,6 +35,25 @@ impl Settings {
             database: DatabaseSettings::from_env(20, "userstream_query")?,
             cache: CacheSettings::from_env(Duration::from_millis(50))?,
             request_timeout: Duration::from_millis(parse("REQUEST_TIMEOUT_MS", 5_000)?),
+            token: token()?,
+            read_wait: Duration::from_millis(parse("READ_WAIT_MAX_MS", 2_000)?),
         })
     }
+}
+
+pub const TOKEN_MIN_CHARS: usize = 16;
+
+fn token() -> Result<Option<SecretString>, InvalidSetting> {
+    let token = string("QUERY_API_TOKEN", "");
+    if token.is_empty() {
+        return Ok(None);
+    }
+    if token.chars().count() < TOKEN_MIN_CHARS {
+        return Err(InvalidSetting {
+            name: "QUERY_API_TOKEN",
+            value: "<hidden>".into(),
+            reason: format!("must be at least {TOKEN_MIN_CHARS} characters when set"),
+        });
+    }
+    Ok(Some(token.into()))
 }

@@ -16,7 +16,7 @@ use read_model::state::{self, STATE_CHANNEL};
 use read_model::{Namespace, ProjectionState};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 /// Re-read the state at least this often, even without notifications.
 const REFRESH_EVERY: Duration = Duration::from_secs(1);
@@ -26,10 +26,21 @@ pub struct Gate {
     inner: Arc<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
     known: RwLock<Known>,
     reread: Notify,
+    /// Bumped whenever the known state changes; read-your-writes waits on it.
+    changes: watch::Sender<u64>,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Self {
+            known: RwLock::default(),
+            reread: Notify::new(),
+            changes: watch::channel(0).0,
+        }
+    }
 }
 
 #[derive(Default, Clone, Copy)]
@@ -49,6 +60,18 @@ impl Gate {
         }
         let state = known.state?;
         Some((state.namespace()?, state.batch_seq))
+    }
+
+    /// The projector's frontier as last heard: every event up to it in
+    /// publication order is applied.
+    pub fn applied(&self) -> Option<eventlog::Checkpoint> {
+        let known = *self.inner.known.read().expect("gate lock");
+        known.state.map(|state| state.applied())
+    }
+
+    /// Changes whenever the state does (a batch committed, the frontier moved).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
     }
 
     /// After a Redis error: stop using Redis until the state is re-read.
@@ -81,6 +104,8 @@ impl Gate {
         if clear_suspect {
             known.suspect = false;
         }
+        drop(known);
+        self.inner.changes.send_modify(|n| *n += 1);
     }
 
     /// Reads the state once (at start-up, so the first requests may use Redis).
@@ -129,7 +154,8 @@ impl Gate {
     }
 }
 
-/// "projection_version:cache_epoch:batch_seq", as the trigger sends it.
+/// "projection_version:cache_epoch:batch_seq:applied_xid:applied_position",
+/// as the trigger sends it.
 fn parse(payload: &str) -> Option<ProjectionState> {
     let mut parts = payload.split(':');
     let projection_version = parts.next()?.parse().ok()?;
@@ -140,10 +166,14 @@ fn parse(payload: &str) -> Option<ProjectionState> {
         Some(epoch.parse().ok()?)
     };
     let batch_seq = parts.next()?.parse().ok()?;
+    let applied_xid = parts.next()?.parse().ok()?;
+    let applied_position = parts.next()?.parse().ok()?;
     Some(ProjectionState {
         projection_version,
         cache_epoch,
         batch_seq,
+        applied_xid,
+        applied_position,
     })
 }
 
@@ -154,14 +184,17 @@ mod tests {
     #[test]
     fn notifications_carry_the_state() {
         assert_eq!(
-            parse("2:77:15"),
+            parse("2:77:15:900:31"),
             Some(ProjectionState {
                 projection_version: 2,
                 cache_epoch: Some(77),
-                batch_seq: 15
+                batch_seq: 15,
+                applied_xid: 900,
+                applied_position: 31,
             })
         );
-        assert_eq!(parse("1::4").unwrap().cache_epoch, None);
+        assert_eq!(parse("1::4:0:0").unwrap().cache_epoch, None);
+        assert_eq!(parse("1::4"), None, "the old form is re-read, not guessed");
         assert_eq!(parse("garbage"), None);
     }
 
@@ -172,6 +205,8 @@ mod tests {
             projection_version: 1,
             cache_epoch: Some(9),
             batch_seq: 3,
+            applied_xid: 0,
+            applied_position: 0,
         };
         gate.set(Some(state), true);
         assert!(gate.namespace().is_some());

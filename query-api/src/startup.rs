@@ -1,6 +1,7 @@
 //! Building and running the query API.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -8,14 +9,16 @@ use platform::shutdown::Shutdown;
 use platform::tasks::Tasks;
 use read_model::{ViewCache, ViewRows};
 
+use crate::coalesce::Loads;
 use crate::config::Settings;
+use crate::consistency::VersionWaiters;
 use crate::gate::Gate;
 use crate::http::{self, AppState};
 
 pub struct Application {
     listener: tokio::net::TcpListener,
     router: axum::Router,
-    state: AppState,
+    state: Arc<AppState>,
     shutdown: Shutdown,
 }
 
@@ -27,12 +30,16 @@ impl Application {
             .await?;
         let cache = ViewCache::from_settings(&settings.cache).context("REDIS_URL is invalid")?;
         let (trigger, shutdown) = platform::shutdown::channel();
-        let state = AppState {
+        let state = Arc::new(AppState {
             rows: ViewRows::new(pool),
             cache,
             gate: Gate::default(),
             tasks: Tasks::new(trigger, shutdown.clone()),
-        };
+            token: settings.token.clone(),
+            waiters: VersionWaiters::default(),
+            read_wait: settings.read_wait,
+            loads: Loads::default(),
+        });
         if let Err(error) = state.gate.prime(state.rows.pool()).await {
             // The feed task retries; until then reads use PostgreSQL only.
             tracing::warn!(error = %platform::telemetry::error_chain(&error), "cannot read the projection state yet");
@@ -52,8 +59,8 @@ impl Application {
         self.listener.local_addr()
     }
 
-    /// Serves until SIGINT/SIGTERM, or until the projection-state feed task
-    /// fails: then /readyz fails at once and the process ends with an error.
+    /// Serves until SIGINT/SIGTERM, or until a background task (the
+    /// projection-state feed, the version waiters) fails: then /readyz fails at once and the process ends with an error.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let addr = self.local_addr()?;
         let tasks = self.state.tasks.clone();
@@ -63,6 +70,14 @@ impl Application {
                 .gate
                 .clone()
                 .run_until_stopped(self.state.rows.pool().clone(), tasks.shutdown()),
+        );
+        tasks.spawn(
+            "version_waiters",
+            self.state.waiters.clone().run_until_stopped(
+                self.state.rows.pool().clone(),
+                self.state.gate.clone(),
+                tasks.shutdown(),
+            ),
         );
         // Handlers first: a signal right after "listening" must not be lost.
         let signal = platform::shutdown::signal();

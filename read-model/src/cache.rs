@@ -1,21 +1,33 @@
 //! Redis views, namespaced and guarded so that the cache never serves a
 //! version older than the read model has already committed.
 //!
+//! Only hot views are cached: a view enters Redis when a reader misses and
+//! fills it ([`ViewCache::fill`]), stays for `REDIS_VIEW_TTL_SECS`, and is
+//! kept current by the projector while it is there. A view nobody reads
+//! never takes more than a short-lived mark. An id with no view is cached as
+//! absent for `REDIS_NEGATIVE_TTL_SECS` ([`ViewCache::fill_absent`]).
+//!
 //! Keys live in a namespace `{prefix}p{projection_version}:e{epoch}:`, which
 //! `projection_state` names. In it:
 //! * `user:{id}` is a hash `{v, p, body}`: the view at version `v`, or with
 //!   `p = 1` a *pending* mark: version `v` is being committed, so readers miss
-//!   and fills of older versions are refused.
+//!   and fills of older versions are refused. Version 0 with an empty body
+//!   means "no such user" (a negative entry).
 //! * `through` is the number of the last projection batch Redis was told of.
 //!
 //! The projector marks a batch's users pending and raises `through` *before*
-//! committing the batch ([`ViewCache::mark`]), and puts the views after
-//! ([`ViewCache::put_many`]). A reader trusts an entry only when it is not
-//! pending and `through` is at least the last committed batch number
-//! ([`ViewCache::get`]): a Redis that lost writes (restarted from a snapshot,
-//! failed over) holds a lower `through` and is not trusted; a Redis that could
-//! not be marked (down, paused) made the batch drop the namespace instead. All
-//! compares happen inside Redis, in Lua, so concurrent writers cannot interleave.
+//! committing the batch ([`ViewCache::mark`]); after the commit it rewrites
+//! the views that were cached ([`ViewCache::refresh_many`]) and leaves the
+//! others pending, for the next reader to fill. A mark lives at least
+//! [`MARK_HOLDS_FOR`], and a fill is refused once [`FILL_MAX_AGE`] has passed
+//! on Redis's clock since the miss that led to it, so a fill of what a reader
+//! read before a commit can never outlive the mark that refuses it. A reader
+//! trusts an entry only when it is not pending and `through` is at least the
+//! last committed batch number ([`ViewCache::get`]): a Redis that lost writes
+//! (restarted from a snapshot, failed over) holds a lower `through` and is not
+//! trusted; a Redis that could not be marked (down, paused) made the batch
+//! drop the namespace instead. All compares happen inside Redis, in Lua, so
+//! concurrent writers cannot interleave.
 //!
 //! Every call has a short deadline, and after a failure to connect the cache
 //! stays off for a moment instead of making every request wait on a dead server.
@@ -29,43 +41,78 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use secrecy::{ExposeSecret, SecretString};
 use uuid::Uuid;
 
+/// The least time a pending mark stays in Redis.
+pub const MARK_HOLDS_FOR: Duration = Duration::from_secs(60);
+/// A reader's fill is refused when it reaches Redis later than this after the
+/// miss that caused it (on Redis's clock). Well below [`MARK_HOLDS_FOR`]: the
+/// projector gives a batch at most the difference between its mark and its
+/// commit, see [`MARK_COMMIT_WITHIN`].
+pub const FILL_MAX_AGE: Duration = Duration::from_secs(10);
+/// A batch whose commit comes later than this after its mark drops the
+/// namespace instead of trusting the mark.
+pub const MARK_COMMIT_WITHIN: Duration = Duration::from_secs(20);
+
 /// Marks a batch's users pending and raises `through`, unless the namespace
 /// is missing batches. KEYS[1] = through, KEYS[2..] = user keys; ARGV[1] = last
-/// committed batch number, ARGV[2] = this batch's number, ARGV[3] = ttl,
-/// ARGV[4..] = the versions being committed. Returns 1 if marked, 0 if the
-/// namespace cannot be trusted (its `through` is missing or behind).
+/// committed batch number, ARGV[2] = this batch's number, ARGV[3] = the least
+/// lifetime of a mark (s), ARGV[4..] = the versions being committed. Returns
+/// {0} if the namespace cannot be trusted (its `through` is missing or behind),
+/// else {1, hot...}: per user, 1 if a view of it was cached (a reader filled it).
 const MARK: &str = r"
 local through = tonumber(redis.call('GET', KEYS[1]))
 if not through or through < tonumber(ARGV[1]) then
-  return 0
+  return {0}
 end
+local answer = {1}
+local hold = tonumber(ARGV[3])
 for i = 2, #KEYS do
   local v = tonumber(ARGV[i + 2])
-  local current = tonumber(redis.call('HGET', KEYS[i], 'v'))
+  local e = redis.call('HMGET', KEYS[i], 'v', 'body')
+  local current = tonumber(e[1])
+  local hot = 0
   if not current or current < v then
+    if current and current > 0 and e[2] then
+      hot = 1
+    end
     redis.call('HSET', KEYS[i], 'v', v, 'p', 1)
     redis.call('HDEL', KEYS[i], 'body')
-    redis.call('EXPIRE', KEYS[i], ARGV[3])
+    if redis.call('TTL', KEYS[i]) < hold then
+      redis.call('EXPIRE', KEYS[i], hold)
+    end
   end
+  answer[i] = hot
 end
 if tonumber(ARGV[2]) > through then
   redis.call('SET', KEYS[1], ARGV[2])
 end
-return 1
+return answer
 ";
 
-/// Puts views unless a newer version (or the same one, settled) is there.
-/// KEYS = user keys; ARGV[1] = ttl, then (version, body) per key. Returns the
-/// number written.
+/// Writes entries unless a newer version (or the same one, settled) is there.
+/// KEYS = user keys; ARGV[1] = Redis time (ms) of the miss behind a fill, or
+/// 0 for the projector's refresh; ARGV[2] = the fill's maximum age (ms); then
+/// (version, body, ttl) per key, where ttl 0 means: only rewrite an entry
+/// that is there, keeping its lifetime. Returns the number written.
 const PUT: &str = r"
+local since = tonumber(ARGV[1])
+if since > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if now - since > tonumber(ARGV[2]) then
+    return 0
+  end
+end
 local written = 0
 for i = 1, #KEYS do
-  local v = tonumber(ARGV[2 * i])
+  local v = tonumber(ARGV[3 * i])
+  local ttl = tonumber(ARGV[3 * i + 2])
   local current = redis.call('HMGET', KEYS[i], 'v', 'p')
   local cv = tonumber(current[1])
-  if not cv or cv < v or (cv == v and current[2] == '1') then
-    redis.call('HSET', KEYS[i], 'v', v, 'p', 0, 'body', ARGV[2 * i + 1])
-    redis.call('EXPIRE', KEYS[i], ARGV[1])
+  if (cv or ttl > 0) and (not cv or cv < v or (cv == v and current[2] == '1')) then
+    redis.call('HSET', KEYS[i], 'v', v, 'p', 0, 'body', ARGV[3 * i + 1])
+    if ttl > 0 then
+      redis.call('EXPIRE', KEYS[i], ttl)
+    end
     written = written + 1
   end
 end
@@ -74,7 +121,8 @@ return written
 
 /// A trusted entry, or why not. KEYS[1] = user key, KEYS[2] = through;
 /// ARGV[1] = last committed batch number known to the reader. Returns
-/// {version, body} on a hit, {0} on a miss, {-1} when the namespace is behind.
+/// {version, body} on a hit, {-2} for a cached absence, {0, now_ms} on a miss
+/// (with Redis's time, for the fill), {-1} when the namespace is behind.
 /// Flagged read-only, so it runs on replicas and during `CLIENT PAUSE WRITE`.
 const GET: &str = r"#!lua flags=no-writes
 local through = tonumber(redis.call('GET', KEYS[2]))
@@ -82,14 +130,74 @@ if not through or through < tonumber(ARGV[1]) then
   return {-1}
 end
 local e = redis.call('HMGET', KEYS[1], 'v', 'p', 'body')
-if not e[1] or e[2] == '1' or not e[3] then
-  return {0}
+if e[1] and e[2] ~= '1' and e[3] then
+  local v = tonumber(e[1])
+  if v == 0 then
+    return {-2}
+  end
+  return {v, e[3]}
 end
-return {tonumber(e[1]), e[3]}
+local t = redis.call('TIME')
+return {0, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
 ";
 
 /// How long the cache stays off after a failed connection attempt.
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
+/// Consecutive failed calls that open the breaker; while open, calls fail at
+/// once (readers go to PostgreSQL without waiting out a deadline), and after
+/// [`BREAKER_OPEN_FOR`] one call probes Redis: success closes the breaker,
+/// failure opens it again.
+const BREAKER_THRESHOLD: u32 = 3;
+const BREAKER_OPEN_FOR: Duration = Duration::from_millis(500);
+
+/// The circuit breaker in front of every Redis call.
+#[derive(Debug, Default)]
+struct Breaker {
+    failures: u32,
+    open_until: Option<Instant>,
+    /// When the probe in flight started (half-open); a probe that never
+    /// reports (its caller went away) is replaced after a while.
+    probe_since: Option<Instant>,
+}
+
+impl Breaker {
+    /// Whether a call may go to Redis at `now`; if not, how long until it may.
+    fn admit(&mut self, now: Instant, timeout: Duration) -> Result<(), Duration> {
+        let Some(until) = self.open_until else {
+            return Ok(());
+        };
+        if now < until {
+            return Err(until - now);
+        }
+        match self.probe_since {
+            Some(since) if now < since + timeout * 2 => Err(since + timeout * 2 - now),
+            _ => {
+                self.probe_since = Some(now);
+                Ok(())
+            }
+        }
+    }
+
+    fn record(&mut self, ok: bool, now: Instant) {
+        if ok {
+            *self = Self::default();
+            return;
+        }
+        self.failures += 1;
+        if self.probe_since.is_some() || self.failures >= BREAKER_THRESHOLD {
+            self.open_until = Some(now + BREAKER_OPEN_FOR);
+            self.probe_since = None;
+        }
+    }
+
+    fn describe(&self) -> &'static str {
+        match (self.open_until, self.probe_since) {
+            (None, _) => "closed",
+            (Some(_), None) => "open",
+            (Some(_), Some(_)) => "half_open",
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -116,8 +224,11 @@ pub struct Namespace {
 pub enum Lookup {
     /// A settled entry in a namespace that has every committed batch.
     Hit(CachedView),
-    /// No entry, or one whose next version is being committed.
-    Miss,
+    /// A cached absence: there was no view of this id a moment ago.
+    Absent,
+    /// No entry, or one whose next version is being committed. `at` is
+    /// Redis's time of the miss (ms), which a fill hands back.
+    Miss { at: i64 },
     /// The namespace is behind the read model (it lost writes): trust nothing in it.
     Behind,
 }
@@ -139,8 +250,12 @@ pub struct CacheSettings {
     pub key_prefix: String,
     /// `REDIS_TIMEOUT_MS`: deadline of one Redis call.
     pub timeout: Duration,
-    /// `REDIS_VIEW_TTL_SECS`: how long a cached view lives, default one day.
+    /// `REDIS_VIEW_TTL_SECS`: how long a view stays cached after a reader
+    /// filled it, default one hour.
     pub view_ttl: Duration,
+    /// `REDIS_NEGATIVE_TTL_SECS`: how long an id with no view is remembered
+    /// as absent, default 5 s; 0 turns negative caching off.
+    pub negative_ttl: Duration,
 }
 
 impl CacheSettings {
@@ -154,7 +269,8 @@ impl CacheSettings {
                 "REDIS_TIMEOUT_MS",
                 default_timeout.as_millis() as u64,
             )?),
-            view_ttl: Duration::from_secs(config::parse("REDIS_VIEW_TTL_SECS", 86_400)?),
+            view_ttl: Duration::from_secs(config::parse("REDIS_VIEW_TTL_SECS", 3_600)?),
+            negative_ttl: Duration::from_secs(config::parse("REDIS_NEGATIVE_TTL_SECS", 5)?),
         })
     }
 }
@@ -168,11 +284,13 @@ struct Inner {
     client: redis::Client,
     prefix: String,
     ttl: Duration,
+    negative_ttl: Duration,
     timeout: Duration,
     mark: redis::Script,
     put: redis::Script,
     get: redis::Script,
     connection: Mutex<Connection>,
+    breaker: Mutex<Breaker>,
 }
 
 #[derive(Default)]
@@ -183,6 +301,7 @@ struct Connection {
 
 impl ViewCache {
     /// Does not connect yet: a service starts even while Redis is away.
+    /// Absences are cached for 5 s; see [`Self::with_negative_ttl`].
     pub fn new(
         url: &str,
         prefix: impl Into<String>,
@@ -194,23 +313,35 @@ impl ViewCache {
                 client: redis::Client::open(url)?,
                 prefix: prefix.into(),
                 ttl,
+                negative_ttl: Duration::from_secs(5),
                 timeout,
                 mark: redis::Script::new(MARK),
                 put: redis::Script::new(PUT),
                 get: redis::Script::new(GET),
                 connection: Mutex::new(Connection::default()),
+                breaker: Mutex::new(Breaker::default()),
             }),
         })
     }
 
     /// The cache `settings` describe (not connected yet).
     pub fn from_settings(settings: &CacheSettings) -> Result<Self, CacheError> {
-        Self::new(
+        Ok(Self::new(
             settings.url.expose_secret(),
             settings.key_prefix.clone(),
             settings.view_ttl,
             settings.timeout,
-        )
+        )?
+        .with_negative_ttl(settings.negative_ttl))
+    }
+
+    /// How long [`Self::fill_absent`] remembers an absence; zero: not at all.
+    #[must_use]
+    pub fn with_negative_ttl(mut self, ttl: Duration) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("configured before it is shared")
+            .negative_ttl = ttl;
+        self
     }
 
     /// The key prefix of `ns`.
@@ -231,7 +362,21 @@ impl ViewCache {
         format!("{}through", self.namespace_prefix(ns))
     }
 
+    /// "closed", "open" or "half_open", for /readyz.
+    pub fn breaker_state(&self) -> &'static str {
+        self.inner.breaker.lock().expect("breaker lock").describe()
+    }
+
     async fn connection(&self) -> Result<ConnectionManager, CacheError> {
+        let admitted = self
+            .inner
+            .breaker
+            .lock()
+            .expect("breaker lock")
+            .admit(Instant::now(), self.inner.timeout);
+        if let Err(wait) = admitted {
+            return Err(CacheError::Unreachable(wait));
+        }
         {
             let state = self.inner.connection.lock().expect("cache state lock");
             if let Some(manager) = &state.manager {
@@ -273,9 +418,20 @@ impl ViewCache {
         &self,
         fut: impl std::future::Future<Output = Result<T, CacheError>>,
     ) -> Result<T, CacheError> {
-        tokio::time::timeout(self.inner.timeout, fut)
+        let result = tokio::time::timeout(self.inner.timeout, fut)
             .await
-            .map_err(|_| CacheError::Timeout(self.inner.timeout))?
+            .map_err(|_| CacheError::Timeout(self.inner.timeout))
+            .and_then(|result| result);
+        let mut breaker = self.inner.breaker.lock().expect("breaker lock");
+        let was = breaker.describe();
+        breaker.record(result.is_ok(), Instant::now());
+        let now = breaker.describe();
+        drop(breaker);
+        if was != now {
+            metrics::gauge!("redis_breaker_open").set(f64::from(u8::from(now != "closed")));
+            tracing::warn!(from = was, to = now, "Redis circuit breaker changed state");
+        }
+        result
     }
 
     /// The view of `id` in `ns`, trusted only when the namespace has every
@@ -302,7 +458,8 @@ impl ViewCache {
             .await?;
         match answer.as_slice() {
             [redis::Value::Int(-1)] => Ok(Lookup::Behind),
-            [redis::Value::Int(0)] => Ok(Lookup::Miss),
+            [redis::Value::Int(-2)] => Ok(Lookup::Absent),
+            [redis::Value::Int(0), redis::Value::Int(at)] => Ok(Lookup::Miss { at: *at }),
             [version, body] => Ok(Lookup::Hit(CachedView {
                 version: redis::from_redis_value(version)?,
                 body: redis::from_redis_value(body)?,
@@ -313,8 +470,10 @@ impl ViewCache {
 
     /// Before a batch commits: marks `pending` (user, version being
     /// committed) in `ns` and records batch `seq`, provided `ns` has every
-    /// batch up to `committed_seq`. Returns false when the namespace is
-    /// behind; the caller must then stop trusting it.
+    /// batch up to `committed_seq`. Returns `None` when the namespace is
+    /// behind (the caller must then stop trusting it), else, per user of
+    /// `pending`, whether a view of it is cached (and so worth refreshing
+    /// after the commit).
     #[tracing::instrument(name = "redis_mark_pending", skip_all, fields(users = pending.len(), seq))]
     pub async fn mark(
         &self,
@@ -322,48 +481,110 @@ impl ViewCache {
         committed_seq: i64,
         seq: i64,
         pending: &[(Uuid, i32)],
-    ) -> Result<bool, CacheError> {
+    ) -> Result<Option<Vec<bool>>, CacheError> {
         let mut conn = self.connection().await?;
         let mut invocation = self.inner.mark.key(self.through_key(ns));
         invocation
             .arg(committed_seq)
             .arg(seq)
-            .arg(self.inner.ttl.as_secs().max(1));
+            .arg(MARK_HOLDS_FOR.as_secs());
         for (id, version) in pending {
             invocation.key(self.key(ns, *id)).arg(*version);
         }
-        let marked: i32 = self
+        let answer: Vec<i64> = self
             .deadline(async { Ok(invocation.invoke_async(&mut conn).await?) })
             .await?;
-        Ok(marked == 1)
+        match answer.split_first() {
+            Some((0, [])) => Ok(None),
+            Some((1, hot)) if hot.len() == pending.len() => {
+                Ok(Some(hot.iter().map(|flag| *flag == 1).collect()))
+            }
+            _ => Err(CacheError::Protocol(format!("mark answered {answer:?}"))),
+        }
     }
 
-    /// Stores views in `ns`, each unless a newer (or the same, settled)
-    /// version is there. Returns how many were written.
-    #[tracing::instrument(name = "redis_put_views", skip_all, fields(views = views.len()))]
-    pub async fn put_many(&self, ns: Namespace, views: &[&UserView]) -> Result<usize, CacheError> {
-        if views.is_empty() {
+    /// After a batch committed: rewrites the cached entries of `views` that
+    /// are still there (see [`Self::mark`]), keeping their lifetime; entries
+    /// that expired meanwhile are not brought back. Returns how many were written.
+    #[tracing::instrument(name = "redis_refresh_views", skip_all, fields(views = views.len()))]
+    pub async fn refresh_many(
+        &self,
+        ns: Namespace,
+        views: &[&UserView],
+    ) -> Result<usize, CacheError> {
+        let entries: Vec<(Uuid, i32, String)> = views
+            .iter()
+            .map(|view| (view.id, view.version, body(view)))
+            .collect();
+        self.put(ns, None, Duration::ZERO, &entries).await
+    }
+
+    /// A reader's fill after [`Lookup::Miss`] at Redis time `missed_at`:
+    /// stores `view` for `REDIS_VIEW_TTL_SECS` unless a newer (or the same,
+    /// settled) version is there, or the miss is older than [`FILL_MAX_AGE`].
+    /// `None` skips the age check (for tests that seed the cache).
+    #[tracing::instrument(name = "redis_fill_view", skip_all, fields(user_id = %view.id))]
+    pub async fn fill(
+        &self,
+        ns: Namespace,
+        view: &UserView,
+        missed_at: Option<i64>,
+    ) -> Result<bool, CacheError> {
+        let entry = (view.id, view.version, body(view));
+        Ok(self.put(ns, missed_at, self.inner.ttl, &[entry]).await? == 1)
+    }
+
+    /// A reader's fill after a miss for an id with no view: remembers the
+    /// absence for `REDIS_NEGATIVE_TTL_SECS` as version 0, which any mark of a
+    /// real version replaces, so a registration is never hidden by it.
+    #[tracing::instrument(name = "redis_fill_absent", skip(self, ns))]
+    pub async fn fill_absent(
+        &self,
+        ns: Namespace,
+        id: Uuid,
+        missed_at: Option<i64>,
+    ) -> Result<bool, CacheError> {
+        if self.inner.negative_ttl.is_zero() {
+            return Ok(false);
+        }
+        let entry = (id, 0, String::new());
+        Ok(self
+            .put(ns, missed_at, self.inner.negative_ttl, &[entry])
+            .await?
+            == 1)
+    }
+
+    async fn put(
+        &self,
+        ns: Namespace,
+        missed_at: Option<i64>,
+        ttl: Duration,
+        entries: &[(Uuid, i32, String)],
+    ) -> Result<usize, CacheError> {
+        if entries.is_empty() {
             return Ok(0);
         }
         let mut conn = self.connection().await?;
         let mut invocation = self.inner.put.prepare_invoke();
-        invocation.arg(self.inner.ttl.as_secs().max(1));
-        for view in views {
-            let body = serde_json::to_string(view).expect("views serialise to JSON");
+        invocation
+            .arg(missed_at.unwrap_or(0))
+            .arg(FILL_MAX_AGE.as_millis() as u64);
+        let ttl = if ttl.is_zero() {
+            0
+        } else {
+            ttl.as_secs().max(1)
+        };
+        for (id, version, body) in entries {
             invocation
-                .key(self.key(ns, view.id))
-                .arg(view.version)
-                .arg(body);
+                .key(self.key(ns, *id))
+                .arg(*version)
+                .arg(body)
+                .arg(ttl);
         }
         let written: usize = self
             .deadline(async { Ok(invocation.invoke_async(&mut conn).await?) })
             .await?;
         Ok(written)
-    }
-
-    /// Stores one view (a reader's fill after a miss); see [`Self::put_many`].
-    pub async fn put(&self, ns: Namespace, view: &UserView) -> Result<bool, CacheError> {
-        Ok(self.put_many(ns, &[view]).await? == 1)
     }
 
     /// The number of the last batch `ns` was told of, if it has one.
@@ -405,5 +626,54 @@ impl ViewCache {
             Ok(())
         })
         .await
+    }
+}
+
+fn body(view: &UserView) -> String {
+    serde_json::to_string(view).expect("views serialise to JSON")
+}
+
+#[cfg(test)]
+mod breaker_tests {
+    use super::*;
+
+    #[test]
+    fn opens_after_consecutive_failures_then_lets_one_probe_through() {
+        let timeout = Duration::from_millis(50);
+        let start = Instant::now();
+        let mut breaker = Breaker::default();
+        for _ in 0..BREAKER_THRESHOLD - 1 {
+            breaker.record(false, start);
+            assert!(breaker.admit(start, timeout).is_ok(), "still closed");
+        }
+        breaker.record(false, start);
+        assert!(breaker.admit(start, timeout).is_err(), "open");
+        let later = start + BREAKER_OPEN_FOR;
+        assert!(breaker.admit(later, timeout).is_ok(), "one probe");
+        assert!(breaker.admit(later, timeout).is_err(), "only one");
+        assert_eq!(breaker.describe(), "half_open");
+        breaker.record(false, later);
+        assert!(
+            breaker.admit(later, timeout).is_err(),
+            "a failed probe opens it again"
+        );
+        let again = later + BREAKER_OPEN_FOR;
+        assert!(breaker.admit(again, timeout).is_ok());
+        breaker.record(true, again);
+        assert_eq!(breaker.describe(), "closed");
+        assert!(breaker.admit(again, timeout).is_ok());
+    }
+
+    #[test]
+    fn a_probe_that_never_reports_is_replaced() {
+        let timeout = Duration::from_millis(50);
+        let start = Instant::now();
+        let mut breaker = Breaker::default();
+        for _ in 0..BREAKER_THRESHOLD {
+            breaker.record(false, start);
+        }
+        let probe = start + BREAKER_OPEN_FOR;
+        assert!(breaker.admit(probe, timeout).is_ok());
+        assert!(breaker.admit(probe + timeout * 2, timeout).is_ok());
     }
 }

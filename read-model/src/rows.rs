@@ -95,12 +95,57 @@ impl ViewRows {
     }
 }
 
-/// The views of `ids`, locked until the transaction ends, so two projector
-/// instances overlapping in a rebalance cannot both apply the same event.
-#[tracing::instrument(name = "sql_lock_views", skip_all, fields(users = ids.len()))]
-pub async fn lock_many(tx: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<UserView>, sqlx::Error> {
+/// What `GET /users` filters on; every field set must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Normalised username (exact).
+    pub username: Option<String>,
+    /// Normalised email (exact).
+    pub email: Option<String>,
+    pub status: Option<UserStatus>,
+}
+
+impl ViewRows {
+    /// Up to `limit` views matching `filter` after the id `after`, in id
+    /// order: a keyset page. Ids never change, so a page boundary stays put
+    /// while users are added or change status: no user is shown twice, and
+    /// none that kept matching is skipped. A username or email narrows the
+    /// walk to its index; a status alone walks `user_views_status_id_idx`;
+    /// no filter walks the primary key.
+    #[tracing::instrument(name = "sql_page_views", skip(self))]
+    pub async fn page(
+        &self,
+        filter: &Filter,
+        after: Uuid,
+        limit: i64,
+    ) -> Result<Vec<UserView>, sqlx::Error> {
+        let mut query =
+            sqlx::QueryBuilder::new(format!("SELECT {COLUMNS} FROM user_views WHERE id > "));
+        query.push_bind(after);
+        if let Some(username) = &filter.username {
+            query.push(" AND username = ").push_bind(username);
+        }
+        if let Some(email) = &filter.email {
+            query.push(" AND email = ").push_bind(email);
+        }
+        if let Some(status) = filter.status {
+            query.push(" AND status = ").push_bind(status.as_str());
+        }
+        query.push(" ORDER BY id LIMIT ").push_bind(limit);
+        let rows: Vec<ViewRow> = query.build_query_as().fetch_all(&self.pool).await?;
+        into_views(rows)
+    }
+}
+
+/// The views of `ids`, read by a projection batch. Not row-locked: every
+/// writer of `user_views` holds the projection state lock
+/// ([`crate::state::BEGIN_LOCKED`]) for its whole transaction, so two
+/// projector instances overlapping in a rebalance cannot both apply the same
+/// event, and the read takes no xid.
+#[tracing::instrument(name = "sql_load_views", skip_all, fields(users = ids.len()))]
+pub async fn load_many(tx: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<UserView>, sqlx::Error> {
     let rows: Vec<ViewRow> = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM user_views WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+        "SELECT {COLUMNS} FROM user_views WHERE id = ANY($1)"
     ))
     .bind(ids)
     .fetch_all(tx)

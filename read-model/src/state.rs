@@ -17,9 +17,22 @@ pub struct ProjectionState {
     pub cache_epoch: Option<i64>,
     /// Number of the last committed projection batch.
     pub batch_seq: i64,
+    /// The frontier: every event up to here in publication order
+    /// ([`eventlog::Checkpoint`]: transaction id, then position) is applied
+    /// or parked. Moved by the projector's frontier task.
+    pub applied_xid: i64,
+    pub applied_position: i64,
 }
 
 impl ProjectionState {
+    /// The frontier as a point in publication order.
+    pub fn applied(&self) -> eventlog::Checkpoint {
+        eventlog::Checkpoint {
+            transaction_id: self.applied_xid,
+            global_position: self.applied_position,
+        }
+    }
+
     /// The Redis namespace readers may use, if any.
     pub fn namespace(&self) -> Option<Namespace> {
         self.cache_epoch.map(|epoch| Namespace {
@@ -29,8 +42,8 @@ impl ProjectionState {
     }
 }
 
-const SELECT: &str =
-    "SELECT projection_version, cache_epoch, batch_seq FROM projection_state WHERE singleton";
+const SELECT: &str = "SELECT projection_version, cache_epoch, batch_seq, applied_xid, \
+     applied_position FROM projection_state WHERE singleton";
 
 /// The current state, without locking.
 #[tracing::instrument(name = "sql_load_projection_state", skip_all)]
@@ -38,22 +51,49 @@ pub async fn load(db: impl PgExecutor<'_>) -> Result<ProjectionState, sqlx::Erro
     sqlx::query_as(SELECT).fetch_one(db).await
 }
 
-/// The current state, locked until the transaction ends: every projection
-/// batch, namespace change and rebuild switch takes this lock first.
+/// Key of the transaction-level advisory lock that serialises every
+/// projection batch, namespace change and rebuild switch ("projstat").
+pub const LOCK_KEY: i64 = 0x7072_6f6a_7374_6174;
+
+/// Starts a transaction already holding the state lock, in one round trip
+/// (for [`sqlx::Pool::begin_with`]). An advisory lock, not `FOR UPDATE`: a row
+/// lock gives the transaction an xid from its first statement, and an open
+/// xid holds back the cluster's xmin, below which the relay publishes. A
+/// batch takes its xid only with its first write, just before it commits.
+pub const BEGIN_LOCKED: &str = "BEGIN; SELECT pg_advisory_xact_lock(8102661182587167092)";
+
+/// Takes the state lock in a transaction already begun, then reads the
+/// state: every projection batch, namespace change and rebuild switch takes
+/// this lock first, so the state read here holds until the transaction ends.
+/// (`lock_timeout` applies to the wait.)
 #[tracing::instrument(name = "sql_lock_projection_state", skip_all)]
 pub async fn lock(tx: &mut PgConnection) -> Result<ProjectionState, sqlx::Error> {
-    sqlx::query_as(&format!("{SELECT} FOR UPDATE"))
-        .fetch_one(tx)
-        .await
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(LOCK_KEY)
+        .execute(&mut *tx)
+        .await?;
+    load(tx).await
 }
 
-/// Draws the number of a batch about to commit (never reused, even after a
-/// rollback). Call with the state locked.
-#[tracing::instrument(name = "sql_next_batch_seq", skip_all)]
-pub async fn next_batch_seq(tx: &mut PgConnection) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT nextval('projection_batch_seq')")
-        .fetch_one(tx)
-        .await
+#[derive(sqlx::FromRow)]
+struct StateAndSeq {
+    #[sqlx(flatten)]
+    state: ProjectionState,
+    next_seq: i64,
+}
+
+/// With the lock held ([`BEGIN_LOCKED`]): the state, and the number the batch
+/// commits under if it changes views (drawn now to save a round trip; a
+/// number drawn by a batch that changes nothing is never used).
+#[tracing::instrument(name = "sql_load_state_for_batch", skip_all)]
+pub async fn load_for_batch(tx: &mut PgConnection) -> Result<(ProjectionState, i64), sqlx::Error> {
+    let row: StateAndSeq = sqlx::query_as(
+        "SELECT projection_version, cache_epoch, batch_seq, applied_xid, applied_position, \
+           nextval('projection_batch_seq') AS next_seq FROM projection_state WHERE singleton",
+    )
+    .fetch_one(tx)
+    .await?;
+    Ok((row.state, row.next_seq))
 }
 
 /// Records what a batch committed: its number, and the namespace still
@@ -86,4 +126,12 @@ pub async fn set_cache_epoch(
         .execute(tx)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_one_round_trip_begin_takes_the_same_lock() {
+        assert!(super::BEGIN_LOCKED.ends_with(&format!("({})", super::LOCK_KEY)));
+    }
 }

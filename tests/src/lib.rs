@@ -6,7 +6,7 @@
 //! processes on port 0; their JSON log lines are kept for assertions.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -20,6 +20,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
 pub mod read_side;
+pub mod relay;
 
 /// The stack the project's `scripts/stack up` starts; overridable for other hosts.
 pub fn admin_database_url() -> String {
@@ -127,7 +128,57 @@ impl TestEnv {
             ("BIND_ADDR", "127.0.0.1:0".to_owned()),
             ("LOG_FORMAT", "json".to_owned()),
             ("RUST_LOG", "info".to_owned()),
+            // Tests register many users from one address at once; the tests of
+            // the rate limit and of the bounded hashing queue set their own.
+            ("REGISTRATION_RATE_PER_MINUTE", "0".to_owned()),
+            ("HASH_QUEUE_CAPACITY", "1024".to_owned()),
         ])
+    }
+
+    /// Starts a service binary that must refuse to start: waits (at most
+    /// 30 s) for it to exit and returns its status and everything it printed.
+    pub async fn start_refused(
+        &self,
+        service: Service,
+        extra: &[(&str, &str)],
+    ) -> (std::process::ExitStatus, String) {
+        let mut child = Command::new(binary(service.binary()))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(self.service_env(service))
+            .envs(extra.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the service");
+        let status = eventually(
+            &format!("{} to refuse to start", service.binary()),
+            Duration::from_secs(30),
+            || {
+                let status = child.try_wait().ok().flatten();
+                async move { status }
+            },
+        )
+        .await;
+        let mut printed = String::new();
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let mut stream = stream;
+            let _ = stream.read_to_string(&mut printed);
+        }
+        (status, printed)
     }
 
     /// Starts a service binary with this test's environment (plus `extra`)
@@ -448,7 +499,16 @@ pub async fn read_topic(
         let Ok(received) = tokio::time::timeout(left, consumer.recv()).await else {
             continue;
         };
-        let message = received.expect("kafka message");
+        // librdkafka reports transient broker states (a topic whose leader
+        // is not elected yet right after a broker restart) as errors and
+        // goes on consuming; the deadline above bounds them.
+        let message = match received {
+            Ok(message) => message,
+            Err(error) => {
+                eprintln!("reading {topic}: {error}, retrying");
+                continue;
+            }
+        };
         let headers = message
             .headers()
             .map(|h| {

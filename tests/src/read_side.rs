@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::{eventually, Running, TEST_ADMIN_TOKEN};
+use crate::{eventually, Running, TestEnv, TEST_ADMIN_TOKEN};
 
 /// A redis-server of one test's own, on a free port, with its snapshot in a
 /// folder of its own (RDB only, so a restart comes back from the last SAVE).
@@ -268,4 +268,27 @@ pub async fn produce(topic: &str, event: &events::IntegrationEvent, body: Option
         .send(record, Duration::from_secs(30))
         .await
         .expect("kafka accepts the message");
+}
+
+/// A cache on the test's Redis prefix with namespace `p1:e1` opened and named
+/// in `projection_state`, as the projector's keeper would: the query API then
+/// trusts Redis without a projector running.
+pub async fn open_namespace(env: &TestEnv) -> (read_model::ViewCache, read_model::Namespace) {
+    let cache = read_model::ViewCache::new(
+        &crate::redis_url(),
+        env.redis_prefix.clone(),
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let ns = read_model::Namespace {
+        projection_version: 1,
+        epoch: 1,
+    };
+    assert!(cache.open(ns, 0).await.unwrap());
+    sqlx::query("UPDATE projection_state SET cache_epoch = 1")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    (cache, ns)
 }

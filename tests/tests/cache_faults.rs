@@ -308,3 +308,81 @@ async fn a_projector_killed_between_its_commit_and_its_redis_write_leaves_no_sta
     let seen = reader.finish().await;
     assert_eq!(seen.last().unwrap().1, changed.version);
 }
+
+/// Redis stalls (`CLIENT PAUSE ALL`), then dies, then comes back, while a
+/// reader reads one user and its status changes: every answer is 200 with a
+/// version that never goes back, each within a bound far below the pause
+/// (deadlines, then the breaker, send reads to PostgreSQL), and /readyz
+/// reports Redis degraded meanwhile.
+#[tokio::test]
+async fn reads_stay_correct_and_bounded_while_redis_stalls_dies_and_returns() {
+    let mut stack = Stack::start(&[]).await;
+    let id = register(&stack.http, &stack.command, "stalled").await.id;
+    stack.cached(id, 1).await;
+    let slowest = Arc::new(Mutex::new(Duration::ZERO));
+    let reader = Reader::start(&stack, id);
+    let probe = {
+        let (http, url, slowest) = (
+            stack.http.clone(),
+            stack.query.url(&format!("/users/{id}")),
+            Arc::clone(&slowest),
+        );
+        tokio::spawn(async move {
+            loop {
+                let started = Instant::now();
+                if http.get(&url).send().await.is_err() {
+                    return;
+                }
+                let took = started.elapsed();
+                let mut slowest = slowest.lock().unwrap();
+                *slowest = (*slowest).max(took);
+            }
+        })
+    };
+    reader.observe(20).await;
+
+    stack.redis.cmd(&["CLIENT", "PAUSE", "3000", "ALL"]).await;
+    let paused = set_active(&stack.http, &stack.command, id, false).await;
+    await_version(&stack.http, &stack.query, id, paused.version).await;
+    reader.observe(100).await;
+    let readyz: serde_json::Value = stack
+        .http
+        .get(stack.query.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        readyz["checks"]["redis"]["detail"]["degraded"].is_string(),
+        "{readyz}"
+    );
+
+    // The breaker opened: reads stopped waiting on the paused Redis.
+    let skipped = stack
+        .query
+        .metric("query_cache_total{result=\"breaker_open\"}")
+        .await;
+    assert!(
+        skipped > 0.0,
+        "the breaker never opened while Redis was paused"
+    );
+
+    stack.redis.kill();
+    let down = set_active(&stack.http, &stack.command, id, true).await;
+    await_version(&stack.http, &stack.query, id, down.version).await;
+    reader.observe(100).await;
+
+    stack.redis.restart().await;
+    stack.cached(id, down.version as i32).await;
+    reader.observe(50).await;
+    probe.abort();
+    let seen = reader.finish().await;
+    assert_eq!(seen.last().unwrap().1, down.version);
+    let slowest = *slowest.lock().unwrap();
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a read took {slowest:?} while Redis was paused for 3 s"
+    );
+}

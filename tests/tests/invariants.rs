@@ -8,6 +8,7 @@ use command_api::relay::{read_batch, Checkpoint};
 use command_api::store::{AppendError, EventStore};
 use events::domain::{EventMetadata, UserDeactivated, UserRegistered};
 use events::{PasswordHash, UserEvent, UserStatus, UserView};
+use read_model::cache::FILL_MAX_AGE;
 use read_model::{Lookup, Namespace, ViewCache};
 use sqlx::{Connection, PgConnection};
 use userstream_tests::{redis_url, TestEnv};
@@ -289,15 +290,15 @@ async fn redis_views_never_move_backwards_and_pending_marks_refuse_old_fills() {
     assert!(cache.open(ns, 0).await.unwrap());
     assert!(!cache.open(ns, 0).await.unwrap(), "a namespace opens once");
     assert!(cache
-        .put(ns, &view(id, 2, UserStatus::Deactivated))
+        .fill(ns, &view(id, 2, UserStatus::Deactivated), None)
         .await
         .unwrap());
     assert!(!cache
-        .put(ns, &view(id, 1, UserStatus::Active))
+        .fill(ns, &view(id, 1, UserStatus::Active), None)
         .await
         .unwrap());
     assert!(!cache
-        .put(ns, &view(id, 2, UserStatus::Active))
+        .fill(ns, &view(id, 2, UserStatus::Active), None)
         .await
         .unwrap());
     let Lookup::Hit(cached) = cache.get(ns, id, 0).await.unwrap() else {
@@ -308,14 +309,21 @@ async fn redis_views_never_move_backwards_and_pending_marks_refuse_old_fills() {
 
     // Batch 1 is about to commit version 3: readers miss, and a reader's fill
     // of what it read before the commit (version 2) is refused.
-    assert!(cache.mark(ns, 0, 1, &[(id, 3)]).await.unwrap());
-    assert_eq!(cache.get(ns, id, 1).await.unwrap(), Lookup::Miss);
+    assert_eq!(
+        cache.mark(ns, 0, 1, &[(id, 3)]).await.unwrap(),
+        Some(vec![true]),
+        "the entry was cached: the projector rewrites it after the commit"
+    );
+    assert!(matches!(
+        cache.get(ns, id, 1).await.unwrap(),
+        Lookup::Miss { .. }
+    ));
     assert!(!cache
-        .put(ns, &view(id, 2, UserStatus::Active))
+        .fill(ns, &view(id, 2, UserStatus::Active), None)
         .await
         .unwrap());
     assert!(cache
-        .put(ns, &view(id, 3, UserStatus::Active))
+        .fill(ns, &view(id, 3, UserStatus::Active), None)
         .await
         .unwrap());
     let Lookup::Hit(cached) = cache.get(ns, id, 1).await.unwrap() else {
@@ -326,7 +334,96 @@ async fn redis_views_never_move_backwards_and_pending_marks_refuse_old_fills() {
     // A namespace that was not told of batch 2 is behind: nothing in it is served,
     // and it cannot be marked for later batches either.
     assert_eq!(cache.get(ns, id, 2).await.unwrap(), Lookup::Behind);
-    assert!(!cache.mark(ns, 2, 3, &[(id, 4)]).await.unwrap());
+    assert_eq!(cache.mark(ns, 2, 3, &[(id, 4)]).await.unwrap(), None);
+}
+
+/// Only what readers fill is cached; an absence is cached briefly and can
+/// never hide a user from the moment its registration is marked; a fill that
+/// reaches Redis too long after its miss is refused, so it cannot outlive the
+/// mark that would have refused it.
+#[tokio::test]
+async fn absences_and_cold_users_never_hide_a_view_and_late_fills_are_refused() {
+    let env = TestEnv::new().await;
+    let cache = cache(&env);
+    let ns = Namespace {
+        projection_version: 1,
+        epoch: 8,
+    };
+    assert!(cache.open(ns, 0).await.unwrap());
+    let (hot, cold, newcomer) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+
+    // A reader missed the newcomer before it existed: the absence is cached.
+    let Lookup::Miss { at } = cache.get(ns, newcomer, 0).await.unwrap() else {
+        panic!("a miss");
+    };
+    assert!(cache.fill_absent(ns, newcomer, Some(at)).await.unwrap());
+    assert_eq!(cache.get(ns, newcomer, 0).await.unwrap(), Lookup::Absent);
+    let absent_ttl = ttl(&cache.key(ns, newcomer)).await;
+    assert!(
+        (1..=5).contains(&absent_ttl),
+        "absences are short-lived: {absent_ttl}"
+    );
+    assert!(cache
+        .fill(ns, &view(hot, 1, UserStatus::Active), Some(at))
+        .await
+        .unwrap());
+
+    // A batch registers the newcomer and the cold user and changes the hot one.
+    let marked = cache
+        .mark(ns, 0, 1, &[(hot, 2), (cold, 1), (newcomer, 1)])
+        .await
+        .unwrap();
+    assert_eq!(marked, Some(vec![true, false, false]));
+    assert!(matches!(
+        cache.get(ns, newcomer, 1).await.unwrap(),
+        Lookup::Miss { .. }
+    ));
+    // The reader's absence, arriving late, loses to the registration's mark.
+    assert!(!cache.fill_absent(ns, newcomer, Some(at)).await.unwrap());
+    let mark_ttl = ttl(&cache.key(ns, cold)).await;
+    assert!(
+        (50..=60).contains(&mark_ttl),
+        "a cold user's mark outlives any fill, then goes: {mark_ttl}"
+    );
+
+    // The projector rewrites what was cached and nothing else.
+    let views = [view(hot, 2, UserStatus::Deactivated)];
+    let refreshed: Vec<&UserView> = views.iter().collect();
+    assert_eq!(cache.refresh_many(ns, &refreshed).await.unwrap(), 1);
+    let Lookup::Hit(cached) = cache.get(ns, hot, 1).await.unwrap() else {
+        panic!("the hot view is served");
+    };
+    assert_eq!(cached.version, 2);
+    let gone = Uuid::new_v4();
+    let views = [view(gone, 1, UserStatus::Active)];
+    let refreshed: Vec<&UserView> = views.iter().collect();
+    assert_eq!(
+        cache.refresh_many(ns, &refreshed).await.unwrap(),
+        0,
+        "an entry that expired is not brought back by the projector"
+    );
+
+    // A fill whose miss is older than the limit is refused; a fresh one is not.
+    let Lookup::Miss { at } = cache.get(ns, cold, 1).await.unwrap() else {
+        panic!("a miss");
+    };
+    let stale = at - i64::try_from(FILL_MAX_AGE.as_millis()).unwrap() - 1_000;
+    let cold_view = view(cold, 1, UserStatus::Active);
+    assert!(!cache.fill(ns, &cold_view, Some(stale)).await.unwrap());
+    assert!(cache.fill(ns, &cold_view, Some(at)).await.unwrap());
+}
+
+async fn ttl(key: &str) -> i64 {
+    let mut redis = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("TTL")
+        .arg(key)
+        .query_async(&mut redis)
+        .await
+        .unwrap()
 }
 
 #[tokio::test]

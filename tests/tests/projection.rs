@@ -19,16 +19,16 @@ use userstream_tests::{redis_url, TestEnv};
 use uuid::Uuid;
 
 fn model(env: &TestEnv, redis: &str) -> ReadModel {
-    ReadModel {
-        rows: ViewRows::new(env.pool.clone()),
-        cache: ViewCache::new(
+    ReadModel::new(
+        ViewRows::new(env.pool.clone()),
+        ViewCache::new(
             redis,
             env.redis_prefix.clone(),
             Duration::from_secs(60),
             Duration::from_millis(500),
         )
         .unwrap(),
-    }
+    )
 }
 
 fn metadata() -> EventMetadata {
@@ -241,15 +241,34 @@ async fn redis_is_told_of_a_batch_before_it_commits_or_stops_being_trusted() {
         )
     );
     let id = user(&store, "erin", &[true]).await;
+    let cold = user(&store, "eric", &[true]).await;
     let log = messages(&env, id).await;
-    let outcome = model.apply_batch(&log, Mode::Consume).await.unwrap();
+    let outcome = model.apply_batch(&log[..1], Mode::Consume).await.unwrap();
     assert!(outcome.cache_marked);
+    // A reader reads erin and fills the cache: erin is hot.
+    let ns = state::load(&env.pool).await.unwrap().namespace().unwrap();
+    let Lookup::Miss { at } = model.cache.get(ns, id, 0).await.unwrap() else {
+        panic!("nothing cached before a read");
+    };
+    let first = model.rows.load(id).await.unwrap().unwrap();
+    assert!(model.cache.fill(ns, &first, Some(at)).await.unwrap());
+
+    let mut batch = log[1..].to_vec();
+    batch.extend(messages(&env, cold).await);
+    let outcome = model.apply_batch(&batch, Mode::Consume).await.unwrap();
+    assert!(outcome.cache_marked);
+    model.flush_cache().await; // the put runs on after the batch returns
     let after = state::load(&env.pool).await.unwrap();
     let ns = after.namespace().expect("still trusted");
     let Lookup::Hit(hit) = model.cache.get(ns, id, after.batch_seq).await.unwrap() else {
-        panic!("the batch's view is in Redis");
+        panic!("the hot view was rewritten in Redis");
     };
     assert_eq!(hit.version, 2);
+    // Nobody read eric: only a short-lived mark, no view.
+    assert!(matches!(
+        model.cache.get(ns, cold, after.batch_seq).await.unwrap(),
+        Lookup::Miss { .. }
+    ));
 
     // The same batch applied by a projector that cannot reach Redis: the view
     // still moves, and the namespace is dropped in the same transaction.
@@ -280,4 +299,35 @@ async fn redis_is_told_of_a_batch_before_it_commits_or_stops_being_trusted() {
 fn model_without_redis(env: &TestEnv) -> ReadModel {
     // Nothing listens on port 1.
     model(env, "redis://127.0.0.1:1")
+}
+
+/// Two projector instances overlapping (a rebalance) apply the same batches
+/// at once: the state lock serialises them, so each event is applied once.
+#[tokio::test]
+async fn overlapping_projectors_commit_batches_one_at_a_time() {
+    let env = TestEnv::new().await;
+    let store = EventStore::new(env.pool.clone());
+    let (a, b) = (model(&env, &redis_url()), model(&env, &redis_url()));
+    let mut batches = Vec::new();
+    for i in 0..40 {
+        let id = user(&store, &format!("overlap{i}"), &[true]).await;
+        batches.push(messages(&env, id).await);
+    }
+    let mut applied = 0;
+    for pair in batches.chunks(2) {
+        // The same two batches through both instances at once.
+        let both: Vec<Message> = pair.concat();
+        let (first, second) = tokio::join!(
+            a.apply_batch(&both, Mode::Consume),
+            b.apply_batch(&both, Mode::Consume)
+        );
+        let (first, second) = (first.unwrap(), second.unwrap());
+        applied += first.applied + second.applied;
+        assert_eq!(
+            first.duplicates + second.duplicates,
+            both.len(),
+            "one instance applied, the other saw duplicates"
+        );
+    }
+    assert_eq!(applied, 80, "each of the 80 events applied once");
 }

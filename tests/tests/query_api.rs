@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use chrono::Utc;
 use events::{UserStatus, UserView};
-use read_model::{Lookup, Namespace, ViewCache, ViewRows};
+use read_model::{Lookup, ViewRows};
 use serde_json::Value;
-use userstream_tests::{eventually, redis_url, schema_errors, Running, Service, TestEnv};
+use userstream_tests::read_side::open_namespace;
+use userstream_tests::{eventually, schema_errors, Running, Service, TestEnv};
 use uuid::Uuid;
 
 struct Answer {
@@ -70,32 +71,11 @@ async fn stored_view(env: &TestEnv) -> UserView {
     view
 }
 
-/// Opens a Redis namespace as the projector's keeper would (no projector runs here).
-async fn open_namespace(env: &TestEnv, cache: &ViewCache) -> Namespace {
-    let ns = Namespace {
-        projection_version: 1,
-        epoch: 1,
-    };
-    assert!(cache.open(ns, 0).await.unwrap());
-    sqlx::query("UPDATE projection_state SET cache_epoch = 1")
-        .execute(&env.pool)
-        .await
-        .unwrap();
-    ns
-}
-
 #[tokio::test]
 async fn a_view_is_read_from_postgres_cached_in_redis_and_revalidated_by_etag() {
     let env = TestEnv::new().await;
     let view = stored_view(&env).await;
-    let cache = ViewCache::new(
-        &redis_url(),
-        env.redis_prefix.clone(),
-        Duration::from_secs(60),
-        Duration::from_secs(2),
-    )
-    .unwrap();
-    let ns = open_namespace(&env, &cache).await;
+    let (cache, ns) = open_namespace(&env).await;
     let query = env.spawn(Service::QueryApi, &[]).await;
     let spec = spec(&query).await;
     let path = format!("/users/{}", view.id);
@@ -195,6 +175,7 @@ async fn the_query_api_documents_exactly_the_routes_it_serves() {
     assert_eq!(
         paths,
         BTreeSet::from([
+            "/users",
             "/users/{id}",
             "/healthz",
             "/readyz",
@@ -214,4 +195,235 @@ async fn the_query_api_documents_exactly_the_routes_it_serves() {
             "GET {path} {status}"
         );
     }
+}
+
+/// GETs `path` and checks the answer against `GET /users`'s documented
+/// responses; returns the status and the body.
+async fn list(query: &Running, spec: &Value, path: &str) -> (u16, Value) {
+    let response = reqwest::get(query.url(path)).await.unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    let documented = &spec["paths"]["/users"]["get"]["responses"][status.to_string()];
+    assert!(
+        !documented.is_null(),
+        "GET {path} answered {status}, undocumented"
+    );
+    let errors = schema_errors(spec, documented, &body);
+    assert!(errors.is_empty(), "GET {path} {status}: {errors:?} {body}");
+    (status, body)
+}
+
+fn view(name: &str, status: UserStatus, version: i32) -> UserView {
+    UserView {
+        id: Uuid::new_v4(),
+        username: name.into(),
+        email: format!("{name}@example.com"),
+        status,
+        version,
+        registered_at: Utc::now(),
+        updated_at: Utc::now(),
+    }
+}
+
+#[tokio::test]
+async fn users_are_looked_up_by_username_or_email_as_normalised() {
+    let env = TestEnv::new().await;
+    let stored = stored_view(&env).await;
+    let query = env.spawn(Service::QueryApi, &[]).await;
+    let spec = spec(&query).await;
+    for path in [
+        "/users?username=quinn",
+        "/users?username=%20QuInN%20",
+        "/users?email=Quinn%40Example.com",
+    ] {
+        let (status, body) = list(&query, &spec, path).await;
+        assert_eq!(status, 200, "{path}");
+        assert_eq!(body["items"].as_array().unwrap().len(), 1, "{path}");
+        assert_eq!(body["items"][0]["id"], stored.id.to_string());
+        assert!(body["next"].is_null());
+    }
+    // Filters combine: every one given must match.
+    for (path, found) in [
+        ("/users?username=nobody", 0),
+        (
+            "/users?username=quinn&email=quinn%40example.com&status=active",
+            1,
+        ),
+        ("/users?username=quinn&status=deactivated", 0),
+        ("/users?username=quinn&email=other%40example.com", 0),
+        ("/users?email=QUINN%40example.com&limit=1", 1),
+        ("/users?email=qu%00inn%40example.com", 0),
+    ] {
+        let (status, body) = list(&query, &spec, path).await;
+        let items = body["items"].as_array().unwrap().len();
+        assert_eq!((status, items), (200, found), "{path}");
+    }
+    for (path, code) in [
+        ("/users?username=", "invalid_query"),
+        ("/users?nickname=quinn", "invalid_query"),
+        ("/users?status=asleep", "invalid_query"),
+        ("/users?limit=0", "invalid_query"),
+        ("/users?limit=501", "invalid_query"),
+        ("/users?limit=ten", "invalid_query"),
+        ("/users?after=not-a-cursor", "invalid_cursor"),
+    ] {
+        let (status, body) = list(&query, &spec, path).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some(code)),
+            "{path}"
+        );
+    }
+}
+
+/// Pages of active users are walked while new users arrive and other users
+/// change status: every user that stayed active is seen exactly once, in id
+/// order, and no page repeats a user.
+#[tokio::test]
+async fn keyset_pages_stay_stable_while_users_are_added_and_change_status() {
+    let env = TestEnv::new().await;
+    let rows = ViewRows::new(env.pool.clone());
+    let mut steady = BTreeSet::new();
+    let mut flipping = Vec::new();
+    for i in 0..90 {
+        let status = if i % 3 == 0 {
+            UserStatus::Deactivated
+        } else {
+            UserStatus::Active
+        };
+        let v = view(&format!("page{i}"), status, 1);
+        assert!(rows.store_next(&v).await.unwrap());
+        if i % 5 == 0 {
+            flipping.push(v);
+        } else if status == UserStatus::Active {
+            steady.insert(v.id.to_string());
+        }
+    }
+    let query = env.spawn(Service::QueryApi, &[]).await;
+    let spec = spec(&query).await;
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &after {
+            Some(cursor) => format!("/users?status=active&limit=7&after={cursor}"),
+            None => "/users?status=active&limit=7".to_owned(),
+        };
+        let (status, body) = list(&query, &spec, &path).await;
+        assert_eq!(status, 200, "{body}");
+        let items = body["items"].as_array().unwrap();
+        assert!(items.len() <= 7);
+        for item in items {
+            assert_eq!(item["status"], "active");
+            seen.push(item["id"].as_str().unwrap().to_owned());
+        }
+        pages += 1;
+        // Between pages: a user arrives, and the flipping users change status.
+        assert!(rows
+            .store_next(&view(&format!("late{pages}"), UserStatus::Active, 1))
+            .await
+            .unwrap());
+        for v in &mut flipping {
+            v.version += 1;
+            v.status = match v.status {
+                UserStatus::Active => UserStatus::Deactivated,
+                UserStatus::Deactivated => UserStatus::Active,
+            };
+            assert!(rows.store_next(v).await.unwrap());
+        }
+        match body["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let distinct: BTreeSet<String> = seen.iter().cloned().collect();
+    assert_eq!(distinct.len(), seen.len(), "no user twice");
+    let mut sorted = seen.clone();
+    sorted.sort_by_key(|id| Uuid::parse_str(id).unwrap());
+    assert_eq!(sorted, seen, "in id order");
+    let missing: Vec<&String> = steady.difference(&distinct).collect();
+    assert!(missing.is_empty(), "steady users skipped: {missing:?}");
+    assert!(pages > 5, "{pages} pages");
+}
+
+#[tokio::test]
+async fn with_a_query_api_token_reads_need_it_and_operations_do_not() {
+    let env = TestEnv::new().await;
+    let stored = stored_view(&env).await;
+    let token = "query-token-for-tests-only";
+    let query = env
+        .spawn(Service::QueryApi, &[("QUERY_API_TOKEN", token)])
+        .await;
+    let http = reqwest::Client::new();
+    for path in [
+        format!("/users/{}", stored.id),
+        "/users?username=quinn".into(),
+    ] {
+        for presented in [None, Some("wrong-token-of-enough-length"), Some("")] {
+            let mut request = http.get(query.url(&path));
+            if let Some(presented) = presented {
+                request = request.bearer_auth(presented);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 401, "{path} with {presented:?}");
+            assert_eq!(response.headers()["www-authenticate"], "Bearer");
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "unauthenticated");
+        }
+        let response = http
+            .get(query.url(&path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+    for path in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
+        let status = http.get(query.url(path)).send().await.unwrap().status();
+        assert_eq!(status, 200, "{path}");
+    }
+    // A token too short to be one is refused at start-up.
+    let (status, printed) = env
+        .start_refused(Service::QueryApi, &[("QUERY_API_TOKEN", "short")])
+        .await;
+    assert!(!status.success());
+    assert!(printed.contains("QUERY_API_TOKEN"), "{printed}");
+    assert!(
+        !printed.contains("short"),
+        "the token is not printed: {printed}"
+    );
+}
+
+/// Fifty concurrent misses for one user are one PostgreSQL read.
+#[tokio::test]
+async fn concurrent_misses_for_one_user_are_one_postgres_read() {
+    let env = TestEnv::new().await;
+    let stored = stored_view(&env).await;
+    // No Redis (nothing listens on port 1): every read misses.
+    let query = env
+        .spawn(Service::QueryApi, &[("REDIS_URL", "redis://127.0.0.1:1")])
+        .await;
+    // The reads wait on this lock until all fifty have missed.
+    let mut lock = env.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE user_views IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let url = query.url(&format!("/users/{}", stored.id));
+    let reads: Vec<_> = (0..50)
+        .map(|_| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move { http.get(url).send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    eventually("fifty reads to miss", Duration::from_secs(20), || async {
+        (query.metric("query_cache_total").await >= 50.0).then_some(())
+    })
+    .await;
+    lock.rollback().await.unwrap();
+    for read in reads {
+        assert_eq!(read.await.unwrap(), 200);
+    }
+    assert_eq!(query.metric("query_view_loads_total").await, 1.0);
 }

@@ -121,6 +121,7 @@ async fn verify_names_a_corrupted_redis_entry_but_not_a_pending_one() {
     let http = reqwest::Client::new();
     let dora = register(&http, &command, "dora").await;
     let emil = register(&http, &command, "emil").await;
+    let finn = register(&http, &command, "finn").await;
     set_active(&http, &command, dora.id, false).await;
     await_caught_up(&env).await;
     let ns = eventually("a trusted Redis namespace", DEADLINE, || async {
@@ -128,7 +129,7 @@ async fn verify_names_a_corrupted_redis_entry_but_not_a_pending_one() {
     })
     .await;
 
-    // Settle both entries the way the query API fills them after a miss.
+    // Settle dora's and emil's entries the way the query API fills them after a miss.
     let cache = ViewCache::new(
         &redis_url(),
         env.redis_prefix.clone(),
@@ -139,11 +140,12 @@ async fn verify_names_a_corrupted_redis_entry_but_not_a_pending_one() {
     let rows = ViewRows::new(env.pool.clone());
     for id in [dora.id, emil.id] {
         let view = rows.load(id).await.unwrap().expect("projected");
-        cache.put(ns, &view).await.unwrap();
+        cache.fill(ns, &view, None).await.unwrap();
     }
     let clean = verify(&env).await;
     clean.assert_success();
-    assert!(clean.stdout.contains("2 entries (0 pending)"), "{clean}");
+    // finn was never read: only the mark of his registration, pending.
+    assert!(clean.stdout.contains("3 entries (1 pending)"), "{clean}");
 
     let mut redis = redis::Client::open(redis_url())
         .unwrap()
@@ -176,8 +178,34 @@ async fn verify_names_a_corrupted_redis_entry_but_not_a_pending_one() {
         .await
         .unwrap();
 
+    // Absences: true of an id the log lacks; false of finn, who exists.
+    let nobody = uuid::Uuid::new_v4();
+    for id in [nobody, finn.id] {
+        let _: () = redis::cmd("HSET")
+            .arg(cache.key(ns, id))
+            .arg("v")
+            .arg(0)
+            .arg("p")
+            .arg(0)
+            .arg("body")
+            .arg("")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+
     let found = verify(&env).await;
     assert!(!found.status.success(), "{found}");
+    assert!(!found.stdout.contains(&nobody.to_string()), "{found}");
+    let finn_line = found
+        .stdout
+        .lines()
+        .find(|l| l.contains(&finn.id.to_string()))
+        .unwrap_or_else(|| panic!("finn is not named:\n{found}"));
+    assert!(
+        finn_line.contains("caches the user as absent"),
+        "{finn_line}"
+    );
     let dora_line = found
         .stdout
         .lines()
