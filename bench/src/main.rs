@@ -13,6 +13,8 @@
 //!    same log from PostgreSQL.
 //! 6. End-to-end visibility (command answered → query API shows it) at half
 //!    the maximum command rate, with every service running.
+//! 7. Reads: cached `GET /users/{id}` vs an axum handler doing one Redis GET,
+//!    uncached vs pgbench doing the same SELECT; see `reads.rs`.
 //!
 //! Diagnostics of the visibility scenario (not needed for the figures):
 //! `BENCH_PROBED_PER_SECOND` (default 50) commands probed per second,
@@ -21,6 +23,7 @@
 //! per probed command (one more query per probe round, so more load).
 
 mod projection;
+mod reads;
 mod relay;
 mod stats;
 mod visibility;
@@ -41,7 +44,7 @@ pub struct Plan {
     /// `BENCH_REBUILD_EVENTS`: log size for `projector rebuild`, default 1,000,000.
     pub rebuild_events: i64,
     /// `BENCH_ONLY`: `registration`, `status`, `relay`, `projection`,
-    /// `rebuild` or `visibility` to run one scenario.
+    /// `rebuild`, `visibility` or `reads` to run one scenario.
     pub only: Option<String>,
     /// `BENCH_KEEP=1`: keep the read-side scenarios' databases and topics
     /// (they are dropped after each run otherwise).
@@ -195,6 +198,41 @@ async fn main() -> anyhow::Result<()> {
         }
         visibilities.push(r);
     }
+    let mut reads = Vec::new();
+    for run in 1..=plan.runs("reads") {
+        let r = reads::reads(&plan, run).await?;
+        let line = |what: &str, load: &reads::Load| {
+            println!(
+                "    {what:<34} {:>8.0}/s  p50 {:.2} ms, p99 {:.2} ms",
+                load.rate,
+                ms(load.p50),
+                ms(load.p99)
+            );
+        };
+        println!(
+            "  reads run {run} (wrk, {} connections, a {}-byte view):",
+            reads::WRK_CONNECTIONS,
+            r.body_bytes
+        );
+        line("GET /users/{id}, cached", &r.cached);
+        line("axum + one Redis GET (limit)", &r.limit);
+        println!(
+            "    redis-benchmark GET                {:>8.0}/s",
+            r.redis_benchmark
+        );
+        line("GET /users?username=, Redis up", &r.by_username);
+        line("GET /users?status=&limit=50, up", &r.page);
+        line("GET /users/{id}, Redis down", &r.uncached);
+        line("GET /users?username=, Redis down", &r.uncached_by_username);
+        line("GET /users?status=&limit=50, down", &r.uncached_page);
+        println!(
+            "    pgbench, the same SELECT, {} clients {:>8.0}/s; load average {:.1}",
+            reads::POOL,
+            r.pgbench,
+            load_average()
+        );
+        reads.push(r);
+    }
 
     let verdict = |ok: bool| if ok { "meets goal" } else { "BELOW GOAL" };
     println!("\nmedians of {} runs:", plan.runs);
@@ -305,6 +343,30 @@ async fn main() -> anyhow::Result<()> {
             "  visibility p99                     {:>6.2} ms goal <= 50 ms {}",
             p99,
             verdict(p99 <= 50.0)
+        );
+    }
+    if !reads.is_empty() {
+        let of = |f: fn(&reads::Reads) -> f64| median(&reads.iter().map(f).collect::<Vec<_>>());
+        let cached = of(|r| r.cached.rate / r.limit.rate);
+        let uncached = of(|r| r.uncached.rate / r.pgbench);
+        println!(
+            "  cached GET /users/{{id}} / axum+Redis GET {:>6.1}%   goal >= 80%   {}",
+            100.0 * cached,
+            verdict(cached >= 0.80)
+        );
+        println!(
+            "  cached GET /users/{{id}} / redis-benchmark {:>5.1}%   (context)",
+            100.0 * of(|r| r.cached.rate / r.redis_benchmark)
+        );
+        println!(
+            "  cached GET p50 / p99                {:>6.2} / {:.2} ms",
+            of(|r| ms(r.cached.p50)),
+            of(|r| ms(r.cached.p99))
+        );
+        println!(
+            "  uncached GET /users/{{id}} / pgbench  {:>6.1}%   goal >= 60%   {}",
+            100.0 * uncached,
+            verdict(uncached >= 0.60)
         );
     }
     Ok(())

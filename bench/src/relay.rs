@@ -42,6 +42,7 @@ fn kafka(topic: &str) -> KafkaSettings {
         topic_partitions: 6,
         topic_replication: 1,
         ce_source: "urn:userstream:command-api".into(),
+        client: Default::default(),
     }
 }
 

@@ -244,7 +244,13 @@ pub async fn status_changes(plan: &Plan, run: usize) -> anyhow::Result<StatusCha
     let api_rate = accepted as f64 / started.elapsed().as_secs_f64();
     drop(api);
 
-    let pgbench_rate = pgbench(&pg_env.database_url, plan.seconds)?;
+    let pgbench_rate = pgbench(
+        &pg_env.database_url,
+        plan.seconds,
+        STATUS_CLIENTS,
+        PGBENCH_SCRIPT,
+        &[format!("per={USERS_PER_CLIENT}")],
+    )?;
     Ok(StatusChanges {
         api: api_rate,
         pgbench: pgbench_rate,
@@ -266,8 +272,15 @@ fn pgbench_binary() -> anyhow::Result<PathBuf> {
         .context("pgbench not found under /usr/lib/postgresql/*/bin (scripts/stack up installs it)")
 }
 
-/// Runs the status transaction under pgbench; returns its transactions per second.
-fn pgbench(database_url: &str, seconds: u64) -> anyhow::Result<f64> {
+/// Runs `script` under pgbench with `clients` clients for `seconds`, with
+/// `-D` `defines`; returns its transactions per second.
+pub fn pgbench(
+    database_url: &str,
+    seconds: u64,
+    clients: usize,
+    script: &str,
+    defines: &[String],
+) -> anyhow::Result<f64> {
     // postgres://user:password@host:port/database
     let rest = database_url
         .strip_prefix("postgres://")
@@ -276,14 +289,15 @@ fn pgbench(database_url: &str, seconds: u64) -> anyhow::Result<f64> {
     let (user, password) = credentials.split_once(':').unwrap_or((credentials, ""));
     let (host_port, database) = location.split_once('/').context("DATABASE_URL database")?;
     let (host, port) = host_port.split_once(':').unwrap_or((host_port, "5432"));
-    let script = std::env::temp_dir().join(format!("userstream-status-{}.sql", std::process::id()));
-    std::fs::write(&script, PGBENCH_SCRIPT)?;
+    let text = script;
+    let script = std::env::temp_dir().join(format!("userstream-bench-{}.sql", std::process::id()));
+    std::fs::write(&script, text)?;
     let output = Command::new(pgbench_binary()?)
         .env("PGPASSWORD", password)
         .args(["-n", "-h", host, "-p", port, "-U", user])
-        .args(["-c", &STATUS_CLIENTS.to_string(), "-j", "2"])
+        .args(["-c", &clients.to_string(), "-j", "2"])
         .args(["-T", &seconds.to_string()])
-        .args(["-D", &format!("per={USERS_PER_CLIENT}")])
+        .args(defines.iter().flat_map(|d| ["-D", d.as_str()]))
         .arg("-f")
         .arg(&script)
         .arg(database)
