@@ -7,6 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use sqlx::PgPool;
 
+use platform::shutdown::Shutdown;
+use platform::tasks::Tasks;
+
 use crate::config::Settings;
 use crate::http::rate_limit::RegistrationLimiter;
 use crate::http::{self, AppState};
@@ -24,6 +27,8 @@ pub struct Application {
     registration_limiter: RegistrationLimiter,
     lag_monitor: Option<(PgPool, String, RelayStatus)>,
     store: EventStore,
+    tasks: Tasks,
+    shutdown: Shutdown,
 }
 
 /// How often the relay lag is measured.
@@ -97,6 +102,8 @@ impl Application {
         };
         let store = EventStore::new(pool);
         let registration_limiter = RegistrationLimiter::new(settings.registration_limit);
+        let (trigger, shutdown) = platform::shutdown::channel();
+        let tasks = Tasks::new(trigger, shutdown.clone());
         let state = AppState {
             store: store.clone(),
             hasher: Hasher::new(settings.hash_concurrency, settings.hash_queue_capacity),
@@ -104,6 +111,7 @@ impl Application {
             relay: status,
             idempotency_ttl: settings.idempotency_ttl,
             registration_limiter: registration_limiter.clone(),
+            tasks: tasks.clone(),
         };
         let listener = tokio::net::TcpListener::bind(settings.bind_addr)
             .await
@@ -115,6 +123,8 @@ impl Application {
             registration_limiter,
             lag_monitor,
             store,
+            tasks,
+            shutdown,
         })
     }
 
@@ -122,31 +132,47 @@ impl Application {
         self.listener.local_addr()
     }
 
-    /// Serves until SIGINT/SIGTERM, then drains requests and stops the relay.
+    /// Serves until SIGINT/SIGTERM, then drains requests and stops the relay;
+    /// or until a background task (relay, lag monitor, sweepers) ends or
+    /// panics: then /readyz fails at once and the process ends with an error.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let addr = self.local_addr()?;
-        let (trigger, shutdown) = platform::shutdown::channel();
+        let tasks = self.tasks;
         let relay = self
             .relay
-            .map(|relay| tokio::spawn(relay.run_until_stopped(shutdown.clone())));
+            .map(|relay| tasks.spawn("relay", relay.run_until_stopped(tasks.shutdown())));
         if let Some((pool, relay_name, status)) = self.lag_monitor {
-            tokio::spawn(status.monitor_lag(pool, relay_name, LAG_EVERY, shutdown.clone()));
+            tasks.spawn(
+                "relay_lag_monitor",
+                status.monitor_lag(pool, relay_name, LAG_EVERY, tasks.shutdown()),
+            );
         }
-        tokio::spawn(forget_idle_clients(
-            self.registration_limiter,
-            shutdown.clone(),
-        ));
-        tokio::spawn(sweep_idempotency_keys(self.store, shutdown));
+        tasks.spawn(
+            "rate_limit_sweeper",
+            forget_idle_clients(self.registration_limiter, tasks.shutdown()),
+        );
+        tasks.spawn(
+            "idempotency_sweeper",
+            sweep_idempotency_keys(self.store, tasks.shutdown()),
+        );
         // Handlers first: a signal right after "listening" must not be lost.
         let signal = platform::shutdown::signal();
         tracing::info!(%addr, service = "command-api", "listening");
+        let stopper = tasks.clone();
+        let mut stopped = self.shutdown.clone();
         let served = platform::http::serve(self.listener, self.router, async move {
-            signal.await;
-            trigger.fire();
+            tokio::select! {
+                () = signal => stopper.stop(),
+                () = stopped.requested() => {}
+            }
         })
         .await;
         if let Some(relay) = relay {
-            relay.await.context("the relay task panicked")?;
+            // The relay hands its lead back and stops publishing.
+            let _ = relay.await;
+        }
+        if let Some(failure) = tasks.failure() {
+            anyhow::bail!("{failure}");
         }
         served.context("the HTTP server failed")
     }

@@ -85,6 +85,44 @@ impl Tasks {
     }
 }
 
+/// Owns a value whose destructor may block for long, such as rdkafka's
+/// consumer, which polls in `Drop` until it has left its group (as long as
+/// the broker takes).
+///
+/// Dropped normally, the value is dropped in place: a graceful stop waits for
+/// it. Dropped while a panic unwinds, it is dropped on a thread of its own.
+/// Unwinding through an async task drops everything the task holds before
+/// the task ends, so a blocking destructor there would hold back what
+/// [`Tasks`] does on a panic (fail `/readyz`, then stop the process) for as
+/// long as it blocks.
+pub struct DropAwayOnPanic<T: Send + 'static>(Option<T>);
+
+impl<T: Send + 'static> DropAwayOnPanic<T> {
+    pub fn new(value: T) -> Self {
+        Self(Some(value))
+    }
+}
+
+impl<T: Send + 'static> std::ops::Deref for DropAwayOnPanic<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl<T: Send + 'static> Drop for DropAwayOnPanic<T> {
+    fn drop(&mut self) {
+        let Some(value) = self.0.take() else { return };
+        if std::thread::panicking() {
+            // If no thread can be made, the value is dropped here after all.
+            let _ = std::thread::Builder::new()
+                .name("drop-after-panic".into())
+                .spawn(move || drop(value));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,6 +138,37 @@ mod tests {
             .await
             .expect("the failure stops the service");
         assert_eq!(tasks.check().unwrap_err(), "task worker panicked");
+    }
+
+    /// Sends the id of the thread that drops it.
+    struct ReportsDrop(std::sync::mpsc::Sender<std::thread::ThreadId>);
+
+    impl Drop for ReportsDrop {
+        fn drop(&mut self) {
+            let _ = self.0.send(std::thread::current().id());
+        }
+    }
+
+    #[test]
+    fn a_value_dropped_by_a_panic_is_dropped_on_another_thread() {
+        let (sender, dropped) = std::sync::mpsc::channel();
+        let here = std::thread::current().id();
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _consumer = DropAwayOnPanic::new(ReportsDrop(sender));
+            panic!("deliberate test panic");
+        }));
+        assert!(unwound.is_err());
+        let on = dropped
+            .recv_timeout(Duration::from_secs(5))
+            .expect("dropped");
+        assert_ne!(on, here, "dropped on the unwinding thread");
+    }
+
+    #[test]
+    fn a_value_dropped_normally_is_dropped_in_place() {
+        let (sender, dropped) = std::sync::mpsc::channel();
+        drop(DropAwayOnPanic::new(ReportsDrop(sender)));
+        assert_eq!(dropped.try_recv(), Ok(std::thread::current().id()));
     }
 
     #[tokio::test]

@@ -39,14 +39,25 @@ fn install(to_stderr: bool) {
     metrics_handle();
 }
 
-/// A service's `main`: sets up telemetry, runs `service`, and logs a fatal
-/// error once, with its cause chain, before returning it.
+/// A service's `main`: sets up telemetry, runs `service`, and on a fatal
+/// error logs it once, with its cause chain, and ends the process with
+/// status 1 right there.
+///
+/// Returning the error instead would drop the runtime first, and that waits
+/// for every worker thread. A task that panicked may still be unwinding on
+/// one of them through a blocking destructor (rdkafka's consumer polls in
+/// its `Drop` until it has left its group, which takes as long as the broker
+/// does), so a failed service could hang instead of exiting for its
+/// supervisor to restart it.
 pub async fn run_service(
     name: &str,
     service: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     init();
-    log_failure(name, service.await)
+    if log_failure(name, service.await).is_err() {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// [`run_service`] for a one-shot command: logs go to stderr

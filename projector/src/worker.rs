@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use platform::shutdown::Shutdown;
+use platform::tasks::DropAwayOnPanic;
 use platform::telemetry::error_chain;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -38,7 +39,9 @@ pub enum Step {
 }
 
 pub struct Worker {
-    consumer: StreamConsumer,
+    /// Closed away from the runtime's threads if a panic drops it (see
+    /// [`DropAwayOnPanic`]), so the panic is reported and the process exits.
+    consumer: DropAwayOnPanic<StreamConsumer>,
     model: ReadModel,
     /// Messages received while a failing batch waited, in arrival order.
     holdback: VecDeque<Message>,
@@ -72,7 +75,7 @@ impl Worker {
         let consumer: StreamConsumer = consumer_config(settings).create()?;
         consumer.subscribe(&[&settings.kafka_topic])?;
         Ok(Self {
-            consumer,
+            consumer: DropAwayOnPanic::new(consumer),
             model,
             holdback: VecDeque::new(),
         })

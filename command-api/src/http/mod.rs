@@ -30,6 +30,8 @@ pub struct AppState {
     pub relay: RelayStatus,
     pub idempotency_ttl: Duration,
     pub registration_limiter: rate_limit::RegistrationLimiter,
+    /// The background tasks, for `/readyz`.
+    pub tasks: platform::tasks::Tasks,
 }
 
 pub fn router(state: AppState, request_timeout: Duration) -> Router {

@@ -14,13 +14,13 @@ pub async fn healthz() -> impl IntoResponse {
     platform::http::healthz().await
 }
 
-/// Ready when PostgreSQL answers; the relay's state is reported alongside but
-/// does not make the API unready: commands are accepted while Kafka is away,
-/// the log buffers them.
+/// Ready when PostgreSQL answers and every background task runs; the relay's
+/// state is reported alongside but does not make the API unready: commands
+/// are accepted while Kafka is away, the log buffers them.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "PostgreSQL reachable; relay state included", body = serde_json::Value),
-        (status = 503, description = "PostgreSQL unreachable", body = serde_json::Value),
+        (status = 503, description = "PostgreSQL unreachable, or a background task failed (the process then exits)", body = serde_json::Value),
     ))]
 #[tracing::instrument(name = "readyz", skip_all)]
 pub async fn readyz(State(state): State<AppState>) -> Response {
@@ -28,6 +28,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     platform::http::readiness(BTreeMap::from([
         ("postgres", postgres),
         ("relay", Ok(state.relay.snapshot())),
+        ("tasks", state.tasks.check()),
     ]))
 }
 
