@@ -9,10 +9,10 @@
 //!
 //! Keys live in a namespace `{prefix}p{projection_version}:e{epoch}:`, which
 //! `projection_state` names. In it:
-//! * `user:{id}` is a hash `{v, p, body}`: the view at version `v`, or with
-//!   `p = 1` a *pending* mark: version `v` is being committed, so readers miss
-//!   and fills of older versions are refused. Version 0 with an empty body
-//!   means "no such user" (a negative entry).
+//! * `user:{id}` is a string `{v}:{p}:{body}` ([`Entry`]): the view at version
+//!   `v`, or with `p = 1` a *pending* mark: version `v` is being committed, so
+//!   readers miss and fills of older versions are refused. Version 0 with an
+//!   empty body means "no such user" (a negative entry).
 //! * `through` is the number of the last projection batch Redis was told of.
 //!
 //! The projector marks a batch's users pending and raises `through` *before*
@@ -26,8 +26,10 @@
 //! last committed batch number ([`ViewCache::get`]): a Redis that lost writes
 //! (restarted from a snapshot, failed over) holds a lower `through` and is not
 //! trusted; a Redis that could not be marked (down, paused) made the batch
-//! drop the namespace instead. All compares happen inside Redis, in Lua, so
-//! concurrent writers cannot interleave.
+//! drop the namespace instead. Every write compares inside Redis, in Lua, so
+//! concurrent writers cannot interleave; a read is one `MGET` of `through`
+//! and the entry, atomic as any single command, and needs no script (a
+//! script call cost Redis about 20 times a plain `GET`, see BENCHMARKS.md).
 //!
 //! Every call has a short deadline, and after a failure to connect the cache
 //! stays off for a moment instead of making every request wait on a dead server.
@@ -67,15 +69,18 @@ local answer = {1}
 local hold = tonumber(ARGV[3])
 for i = 2, #KEYS do
   local v = tonumber(ARGV[i + 2])
-  local e = redis.call('HMGET', KEYS[i], 'v', 'body')
-  local current = tonumber(e[1])
+  local current, pending
+  local e = redis.call('GET', KEYS[i])
+  if e then
+    local cv, cp = string.match(e, '^(%d+):([01]):')
+    current, pending = tonumber(cv), cp
+  end
   local hot = 0
   if not current or current < v then
-    if current and current > 0 and e[2] then
+    if current and current > 0 and pending == '0' then
       hot = 1
     end
-    redis.call('HSET', KEYS[i], 'v', v, 'p', 1)
-    redis.call('HDEL', KEYS[i], 'body')
+    redis.call('SET', KEYS[i], v .. ':1:', 'KEEPTTL')
     if redis.call('TTL', KEYS[i]) < hold then
       redis.call('EXPIRE', KEYS[i], hold)
     end
@@ -106,12 +111,18 @@ local written = 0
 for i = 1, #KEYS do
   local v = tonumber(ARGV[3 * i])
   local ttl = tonumber(ARGV[3 * i + 2])
-  local current = redis.call('HMGET', KEYS[i], 'v', 'p')
-  local cv = tonumber(current[1])
-  if (cv or ttl > 0) and (not cv or cv < v or (cv == v and current[2] == '1')) then
-    redis.call('HSET', KEYS[i], 'v', v, 'p', 0, 'body', ARGV[3 * i + 1])
+  local cv, cp
+  local e = redis.call('GET', KEYS[i])
+  if e then
+    local a, b = string.match(e, '^(%d+):([01]):')
+    cv, cp = tonumber(a), b
+  end
+  if (cv or ttl > 0) and (not cv or cv < v or (cv == v and cp == '1')) then
+    local entry = v .. ':0:' .. ARGV[3 * i + 1]
     if ttl > 0 then
-      redis.call('EXPIRE', KEYS[i], ttl)
+      redis.call('SET', KEYS[i], entry, 'EX', ttl)
+    else
+      redis.call('SET', KEYS[i], entry, 'KEEPTTL')
     end
     written = written + 1
   end
@@ -119,27 +130,42 @@ end
 return written
 ";
 
-/// A trusted entry, or why not. KEYS[1] = user key, KEYS[2] = through;
-/// ARGV[1] = last committed batch number known to the reader. Returns
-/// {version, body} on a hit, {-2} for a cached absence, {0, now_ms} on a miss
-/// (with Redis's time, for the fill), {-1} when the namespace is behind.
-/// Flagged read-only, so it runs on replicas and during `CLIENT PAUSE WRITE`.
-const GET: &str = r"#!lua flags=no-writes
-local through = tonumber(redis.call('GET', KEYS[2]))
-if not through or through < tonumber(ARGV[1]) then
-  return {-1}
-end
-local e = redis.call('HMGET', KEYS[1], 'v', 'p', 'body')
-if e[1] and e[2] ~= '1' and e[3] then
-  local v = tonumber(e[1])
-  if v == 0 then
-    return {-2}
-  end
-  return {v, e[3]}
-end
-local t = redis.call('TIME')
-return {0, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
-";
+/// One cached entry as stored: `{version}:{pending}:{body}`, where pending
+/// is `1` for a mark (no body) and `0` for a settled view (version 0 with an
+/// empty body: a cached absence). The scripts above parse the same form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub version: i32,
+    pub pending: bool,
+    pub body: String,
+}
+
+impl Entry {
+    /// The stored form.
+    pub fn encode(&self) -> String {
+        format!("{}:{}:{}", self.version, u8::from(self.pending), self.body)
+    }
+
+    /// Reads the stored form; `None` for anything else.
+    pub fn decode(stored: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(stored).ok()?;
+        let (version, rest) = text.split_once(':')?;
+        let (pending, body) = rest.split_once(':')?;
+        if version.is_empty() || !version.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let pending = match pending {
+            "0" => false,
+            "1" => true,
+            _ => return None,
+        };
+        Some(Self {
+            version: version.parse().ok()?,
+            pending,
+            body: body.to_owned(),
+        })
+    }
+}
 
 /// How long the cache stays off after a failed connection attempt.
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
@@ -288,7 +314,6 @@ struct Inner {
     timeout: Duration,
     mark: redis::Script,
     put: redis::Script,
-    get: redis::Script,
     connection: Mutex<Connection>,
     breaker: Mutex<Breaker>,
 }
@@ -317,7 +342,6 @@ impl ViewCache {
                 timeout,
                 mark: redis::Script::new(MARK),
                 put: redis::Script::new(PUT),
-                get: redis::Script::new(GET),
                 connection: Mutex::new(Connection::default()),
                 breaker: Mutex::new(Breaker::default()),
             }),
@@ -444,28 +468,45 @@ impl ViewCache {
         committed_seq: i64,
     ) -> Result<Lookup, CacheError> {
         let mut conn = self.connection().await?;
-        let answer: Vec<redis::Value> = self
+        let (through, stored): (Option<i64>, Option<Vec<u8>>) = self
             .deadline(async {
-                Ok(self
-                    .inner
-                    .get
-                    .key(self.key(ns, id))
-                    .key(self.through_key(ns))
-                    .arg(committed_seq)
-                    .invoke_async(&mut conn)
+                Ok(redis::cmd("MGET")
+                    .arg(self.through_key(ns))
+                    .arg(self.key(ns, id))
+                    .query_async(&mut conn)
                     .await?)
             })
             .await?;
-        match answer.as_slice() {
-            [redis::Value::Int(-1)] => Ok(Lookup::Behind),
-            [redis::Value::Int(-2)] => Ok(Lookup::Absent),
-            [redis::Value::Int(0), redis::Value::Int(at)] => Ok(Lookup::Miss { at: *at }),
-            [version, body] => Ok(Lookup::Hit(CachedView {
-                version: redis::from_redis_value(version)?,
-                body: redis::from_redis_value(body)?,
-            })),
-            other => Err(CacheError::Protocol(format!("{other:?}"))),
+        if through.is_none_or(|through| through < committed_seq) {
+            return Ok(Lookup::Behind);
         }
+        match stored.as_deref().map(Entry::decode) {
+            Some(Some(Entry {
+                pending: false,
+                version: 0,
+                ..
+            })) => Ok(Lookup::Absent),
+            Some(Some(Entry {
+                pending: false,
+                version,
+                body,
+            })) => Ok(Lookup::Hit(CachedView { version, body })),
+            Some(None) => Err(CacheError::Protocol("an undecodable cache entry".into())),
+            // Absent or pending. Redis's time is taken after the miss and
+            // before the caller reads PostgreSQL, which is all the fill's age
+            // check needs (see `FILL_MAX_AGE`).
+            None | Some(Some(Entry { pending: true, .. })) => Ok(Lookup::Miss {
+                at: self.time_ms(&mut conn).await?,
+            }),
+        }
+    }
+
+    /// Redis's clock, in milliseconds.
+    async fn time_ms(&self, conn: &mut ConnectionManager) -> Result<i64, CacheError> {
+        let (seconds, micros): (i64, i64) = self
+            .deadline(async { Ok(redis::cmd("TIME").query_async(conn).await?) })
+            .await?;
+        Ok(seconds * 1_000 + micros / 1_000)
     }
 
     /// Before a batch commits: marks `pending` (user, version being
@@ -631,6 +672,44 @@ impl ViewCache {
 
 fn body(view: &UserView) -> String {
     serde_json::to_string(view).expect("views serialise to JSON")
+}
+
+#[cfg(test)]
+mod entry_tests {
+    use super::Entry;
+
+    #[test]
+    fn entries_read_back_as_written_whatever_the_body_holds() {
+        for entry in [
+            Entry {
+                version: 7,
+                pending: false,
+                body: r#"{"a":"b:c","d":"1:0:"}"#.into(),
+            },
+            Entry {
+                version: 8,
+                pending: true,
+                body: String::new(),
+            },
+            Entry {
+                version: 0,
+                pending: false,
+                body: String::new(),
+            },
+        ] {
+            assert_eq!(Entry::decode(entry.encode().as_bytes()), Some(entry));
+        }
+    }
+
+    #[test]
+    fn anything_else_is_not_an_entry() {
+        for stored in [
+            "", "7", "7:0", "x:0:{}", "-1:0:{}", "7:2:{}", "7:p:{}", ":0:{}",
+        ] {
+            assert_eq!(Entry::decode(stored.as_bytes()), None, "{stored:?}");
+        }
+        assert_eq!(Entry::decode(&[0xff, b':', b'0', b':']), None);
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use projector::fold::{Fold, ProblemKind};
+use read_model::cache::Entry;
 use read_model::{state, ViewCache, ViewRows};
 use serde_json::Value;
 use userstream_tests::read_side::{read_user, register, set_active};
@@ -152,43 +153,50 @@ async fn verify_names_a_corrupted_redis_entry_but_not_a_pending_one() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let body: String = redis::cmd("HGET")
+    let stored: Vec<u8> = redis::cmd("GET")
         .arg(cache.key(ns, dora.id))
-        .arg("body")
         .query_async(&mut redis)
         .await
         .unwrap();
-    let corrupted = body.replace("\"deactivated\"", "\"active\"");
-    assert_ne!(body, corrupted, "the body names the status");
-    let _: () = redis::cmd("HSET")
+    let mut entry = Entry::decode(&stored).expect("a settled entry");
+    let corrupted = entry.body.replace("\"deactivated\"", "\"active\"");
+    assert_ne!(entry.body, corrupted, "the body names the status");
+    entry.body = corrupted;
+    let _: () = redis::cmd("SET")
         .arg(cache.key(ns, dora.id))
-        .arg("body")
-        .arg(&corrupted)
+        .arg(entry.encode())
+        .arg("KEEPTTL")
         .query_async(&mut redis)
         .await
         .unwrap();
     // A pending mark with a stale body: readers miss on it, so it is fine.
-    let _: () = redis::cmd("HSET")
+    let stored: Vec<u8> = redis::cmd("GET")
         .arg(cache.key(ns, emil.id))
-        .arg("p")
-        .arg("1")
-        .arg("body")
-        .arg("{}")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let mut entry = Entry::decode(&stored).expect("a settled entry");
+    entry.pending = true;
+    entry.body = "{}".into();
+    let _: () = redis::cmd("SET")
+        .arg(cache.key(ns, emil.id))
+        .arg(entry.encode())
+        .arg("KEEPTTL")
         .query_async(&mut redis)
         .await
         .unwrap();
 
     // Absences: true of an id the log lacks; false of finn, who exists.
     let nobody = uuid::Uuid::new_v4();
+    let absent = Entry {
+        version: 0,
+        pending: false,
+        body: String::new(),
+    };
     for id in [nobody, finn.id] {
-        let _: () = redis::cmd("HSET")
+        let _: () = redis::cmd("SET")
             .arg(cache.key(ns, id))
-            .arg("v")
-            .arg(0)
-            .arg("p")
-            .arg(0)
-            .arg("body")
-            .arg("")
+            .arg(absent.encode())
             .query_async(&mut redis)
             .await
             .unwrap();

@@ -21,7 +21,7 @@ use super::{describe, field_differences};
 /// request: it can afford more than the projector's per-write deadline).
 const CALL_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Keys per SCAN step and per HMGET pipeline.
+/// Keys per SCAN step and per GET pipeline.
 const SCAN_COUNT: usize = 1_000;
 
 /// What was found in Redis.
@@ -138,26 +138,43 @@ pub async fn scan(
         .await?;
         let mut pipe = redis::pipe();
         for key in &keys {
-            pipe.cmd("HMGET").arg(key).arg("v").arg("p").arg("body");
+            pipe.cmd("GET").arg(key);
         }
-        type Fields = (Option<i32>, Option<String>, Option<String>);
-        let values: Vec<Fields> = deadline(pipe.query_async(&mut conn)).await?;
-        for (key, (version, pending_mark, body)) in keys.iter().zip(values) {
+        let values: Vec<Option<Vec<u8>>> = deadline(pipe.query_async(&mut conn)).await?;
+        for (key, stored) in keys.iter().zip(values) {
             let Some(user_id) = key
                 .strip_prefix(&prefix)
                 .and_then(|id| Uuid::parse_str(id).ok())
             else {
                 continue; // Not a user key of this namespace.
             };
-            match (version, pending_mark.as_deref(), body) {
-                (Some(_), Some("1"), _) => {
+            match stored.as_deref().map(read_model::cache::Entry::decode) {
+                Some(Some(entry)) if entry.pending => {
                     pending.insert(user_id, ());
                 }
-                (Some(version), _, Some(body)) => {
-                    entries.insert(user_id, Entry { version, body });
+                Some(Some(entry)) => {
+                    entries.insert(
+                        user_id,
+                        Entry {
+                            version: entry.version,
+                            body: entry.body,
+                        },
+                    );
                 }
-                // Expired between SCAN and HMGET, or a mark without a body.
-                _ => {}
+                // Undecodable: readers treat it as a Redis error and never
+                // serve it; shown as what it claims to be, nothing.
+                Some(None) => {
+                    entries.insert(
+                        user_id,
+                        Entry {
+                            version: -1,
+                            body: String::from_utf8_lossy(stored.as_deref().unwrap_or_default())
+                                .into_owned(),
+                        },
+                    );
+                }
+                // Expired between SCAN and GET.
+                None => {}
             }
         }
         cursor = next;
