@@ -40,6 +40,28 @@ impl DatabaseSettings {
         acquire_timeout: Duration,
         application_name: &str,
     ) -> anyhow::Result<PgPool> {
+        self.pool(acquire_timeout, application_name, true).await
+    }
+
+    /// [`Self::connect`] for a pool that serves many short reads: a connection
+    /// is handed out without pinging it first (sqlx pings by default, one more
+    /// round trip than the read itself). The price: a connection that died
+    /// while idle (PostgreSQL restarted) fails the one query that finds out,
+    /// and is then replaced.
+    pub async fn connect_for_reads(
+        &self,
+        acquire_timeout: Duration,
+        application_name: &str,
+    ) -> anyhow::Result<PgPool> {
+        self.pool(acquire_timeout, application_name, false).await
+    }
+
+    async fn pool(
+        &self,
+        acquire_timeout: Duration,
+        application_name: &str,
+        test_before_acquire: bool,
+    ) -> anyhow::Result<PgPool> {
         let options: PgConnectOptions = self
             .url
             .expose_secret()
@@ -48,6 +70,7 @@ impl DatabaseSettings {
         PgPoolOptions::new()
             .max_connections(self.max_connections)
             .acquire_timeout(acquire_timeout)
+            .test_before_acquire(test_before_acquire)
             .connect_with(options.application_name(application_name))
             .await
             .context("cannot connect to PostgreSQL")

@@ -26,7 +26,7 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let pool = settings
             .database
-            .connect(Duration::from_secs(2), "query-api")
+            .connect_for_reads(Duration::from_secs(2), "query-api")
             .await?;
         let cache = ViewCache::from_settings(&settings.cache).context("REDIS_URL is invalid")?;
         let (trigger, shutdown) = platform::shutdown::channel();

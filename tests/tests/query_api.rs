@@ -427,3 +427,58 @@ async fn concurrent_misses_for_one_user_are_one_postgres_read() {
     }
     assert_eq!(query.metric("query_view_loads_total").await, 1.0);
 }
+
+/// The query API's pool hands out connections without pinging them first
+/// (`connect_for_reads`, one round trip less per read). When PostgreSQL drops
+/// every session it holds, each dead connection fails at most the one read
+/// that finds it (503, documented), and reads succeed again without a restart.
+#[tokio::test]
+async fn reads_recover_when_postgres_drops_every_session_of_the_query_api() {
+    const POOL: usize = 4;
+    let env = TestEnv::new().await;
+    let view = stored_view(&env).await;
+    // Redis unreachable: every read goes to PostgreSQL.
+    let query = env
+        .spawn(
+            Service::QueryApi,
+            &[
+                ("REDIS_URL", "redis://127.0.0.1:1"),
+                ("DATABASE_MAX_CONNECTIONS", "4"),
+            ],
+        )
+        .await;
+    let spec = spec(&query).await;
+    let path = format!("/users/{}", view.id);
+    // Concurrent reads open the whole pool.
+    let warm = futures::future::join_all((0..16).map(|_| get(&query, &spec, &path, None))).await;
+    assert!(warm.iter().all(|answer| answer.status == 200));
+
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'query-api'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(killed >= 1, "the query API held sessions");
+
+    let mut statuses = Vec::new();
+    for _ in 0..POOL * 2 + 5 {
+        statuses.push(get(&query, &spec, &path, None).await.status);
+    }
+    let failed = statuses.iter().filter(|status| **status == 503).count();
+    assert!(
+        statuses.iter().all(|status| [200, 503].contains(status)),
+        "{statuses:?}"
+    );
+    assert!(
+        failed <= POOL,
+        "at most one failed read per dead connection: {statuses:?}"
+    );
+    assert!(
+        statuses[statuses.len() - 5..]
+            .iter()
+            .all(|status| *status == 200),
+        "reads succeed again: {statuses:?}"
+    );
+}
