@@ -222,7 +222,7 @@ async fn main() -> anyhow::Result<()> {
         );
         line("GET /users?username=, Redis up", &r.by_username);
         line("GET /users?status=&limit=50, up", &r.page);
-        line("GET /users/{id}, Redis down", &r.uncached);
+        line("GET /users/{id} (every user), down", &r.uncached);
         line("GET /users?username=, Redis down", &r.uncached_by_username);
         line("GET /users?status=&limit=50, down", &r.uncached_page);
         println!(

@@ -6,7 +6,10 @@
 //!   `redis-benchmark` doing `GET` of those bytes at the same concurrency;
 //! * the same read with Redis unreachable (every read from PostgreSQL) vs
 //!   pgbench running the same `SELECT` with as many clients as the query
-//!   API's pool has connections;
+//!   API's pool has connections. These reads walk all the seeded users, each
+//!   wrk thread from its own point, so no two concurrent requests name one
+//!   user: the query API coalesces concurrent misses of one user into one
+//!   `SELECT`, and one hot user would measure that instead;
 //! * a look-up by username and a page of 50, with and without Redis (for
 //!   context: both are PostgreSQL reads).
 
@@ -161,7 +164,7 @@ pub async fn reads(plan: &Plan, run: usize) -> anyhow::Result<Reads> {
     if answer.status() != 200 {
         bail!("the query API without Redis answered {}", answer.status());
     }
-    let uncached = wrk(&url, seconds)?;
+    let uncached = wrk_spread(&query.url("/users/"), seconds)?;
     let uncached_by_username = wrk(&query.url(&format!("/users?username={username}")), seconds)?;
     let uncached_page = wrk(&query.url("/users?status=active&limit=50"), seconds)?;
     drop(query);
@@ -230,10 +233,46 @@ impl Drop for LimitServer {
 
 /// wrk against `url` for `seconds`; fails on any non-2xx answer or error.
 fn wrk(url: &str, seconds: u64) -> anyhow::Result<Load> {
+    run_wrk(url, seconds, &[])
+}
+
+/// Each wrk thread walks the seeded users from its own starting point.
+const SPREAD_SCRIPT: &str = r#"
+local threads = 0
+function setup(thread)
+  thread:set("cursor", threads * 5000)
+  threads = threads + 1
+end
+function request()
+  cursor = cursor % USERS + 1
+  return wrk.format(nil, string.format("PATH%012x", cursor))
+end
+"#;
+
+/// wrk reading `GET {users_url}{id}` for every seeded user in turn (see
+/// [`SPREAD_SCRIPT`]), for `seconds`.
+fn wrk_spread(users_url: &str, seconds: u64) -> anyhow::Result<Load> {
+    let path = users_url
+        .find("/users/")
+        .map(|at| &users_url[at..])
+        .context("a /users/ URL")?;
+    let script = SPREAD_SCRIPT
+        .replace("USERS", &USERS.to_string())
+        .replace("PATH", &format!("{path}00000000-0000-4000-8000-"));
+    let file = std::env::temp_dir().join(format!("userstream-bench-{}.lua", std::process::id()));
+    std::fs::write(&file, script).context("write the wrk script")?;
+    let load = run_wrk(users_url, seconds, &["-s", &file.to_string_lossy()]);
+    let _ = std::fs::remove_file(&file);
+    load
+}
+
+fn run_wrk(url: &str, seconds: u64, extra: &[&str]) -> anyhow::Result<Load> {
     let output = Command::new("wrk")
         .args(["-t", &WRK_THREADS.to_string()])
         .args(["-c", &WRK_CONNECTIONS.to_string()])
-        .args(["-d", &format!("{seconds}s"), "--latency", url])
+        .args(["-d", &format!("{seconds}s"), "--latency"])
+        .args(extra)
+        .arg(url)
         .output()
         .context("run wrk (scripts/bench installs it)")?;
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
