@@ -54,13 +54,33 @@ pub const FILL_MAX_AGE: Duration = Duration::from_secs(10);
 /// namespace instead of trusting the mark.
 pub const MARK_COMMIT_WITHIN: Duration = Duration::from_secs(20);
 
+/// The Lua side of [`Entry::decode`], shared by the scripts that write
+/// entries: `entry(key)` gives the stored version (a number) and the pending
+/// flag (`'0'` or `'1'`), or nil for a missing or unreadable entry.
+macro_rules! entry_lua {
+    () => {
+        r"
+local function entry(key)
+  local stored = redis.call('GET', key)
+  if not stored then
+    return nil, nil
+  end
+  local v, p = string.match(stored, '^(%d+):([01]):')
+  return tonumber(v), p
+end
+"
+    };
+}
+
 /// Marks a batch's users pending and raises `through`, unless the namespace
 /// is missing batches. KEYS[1] = through, KEYS[2..] = user keys; ARGV[1] = last
 /// committed batch number, ARGV[2] = this batch's number, ARGV[3] = the least
 /// lifetime of a mark (s), ARGV[4..] = the versions being committed. Returns
 /// {0} if the namespace cannot be trusted (its `through` is missing or behind),
 /// else {1, hot...}: per user, 1 if a view of it was cached (a reader filled it).
-const MARK: &str = r"
+const MARK: &str = concat!(
+    entry_lua!(),
+    r"
 local through = tonumber(redis.call('GET', KEYS[1]))
 if not through or through < tonumber(ARGV[1]) then
   return {0}
@@ -69,12 +89,7 @@ local answer = {1}
 local hold = tonumber(ARGV[3])
 for i = 2, #KEYS do
   local v = tonumber(ARGV[i + 2])
-  local current, pending
-  local e = redis.call('GET', KEYS[i])
-  if e then
-    local cv, cp = string.match(e, '^(%d+):([01]):')
-    current, pending = tonumber(cv), cp
-  end
+  local current, pending = entry(KEYS[i])
   local hot = 0
   if not current or current < v then
     if current and current > 0 and pending == '0' then
@@ -91,14 +106,17 @@ if tonumber(ARGV[2]) > through then
   redis.call('SET', KEYS[1], ARGV[2])
 end
 return answer
-";
+"
+);
 
 /// Writes entries unless a newer version (or the same one, settled) is there.
 /// KEYS = user keys; ARGV[1] = Redis time (ms) of the miss behind a fill, or
 /// 0 for the projector's refresh; ARGV[2] = the fill's maximum age (ms); then
 /// (version, body, ttl) per key, where ttl 0 means: only rewrite an entry
 /// that is there, keeping its lifetime. Returns the number written.
-const PUT: &str = r"
+const PUT: &str = concat!(
+    entry_lua!(),
+    r"
 local since = tonumber(ARGV[1])
 if since > 0 then
   local t = redis.call('TIME')
@@ -111,12 +129,7 @@ local written = 0
 for i = 1, #KEYS do
   local v = tonumber(ARGV[3 * i])
   local ttl = tonumber(ARGV[3 * i + 2])
-  local cv, cp
-  local e = redis.call('GET', KEYS[i])
-  if e then
-    local a, b = string.match(e, '^(%d+):([01]):')
-    cv, cp = tonumber(a), b
-  end
+  local cv, cp = entry(KEYS[i])
   if (cv or ttl > 0) and (not cv or cv < v or (cv == v and cp == '1')) then
     local entry = v .. ':0:' .. ARGV[3 * i + 1]
     if ttl > 0 then
@@ -128,7 +141,8 @@ for i = 1, #KEYS do
   end
 end
 return written
-";
+"
+);
 
 /// One cached entry as stored: `{version}:{pending}:{body}`, where pending
 /// is `1` for a mark (no body) and `0` for a settled view (version 0 with an
