@@ -142,14 +142,8 @@ impl TestEnv {
         service: Service,
         extra: &[(&str, &str)],
     ) -> (std::process::ExitStatus, String) {
-        let mut child = Command::new(binary(service.binary()))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(self.service_env(service))
-            .envs(extra.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .stdin(Stdio::null())
+        let mut child = self
+            .command(service, extra)
             .spawn()
             .expect("start the service");
         let status = eventually(
@@ -181,11 +175,10 @@ impl TestEnv {
         (status, printed)
     }
 
-    /// Starts a service binary with this test's environment (plus `extra`)
-    /// and waits until it logs the address it listens on.
-    pub async fn spawn(&self, service: Service, extra: &[(&str, &str)]) -> Running {
-        let path = binary(service.binary());
-        let mut command = Command::new(&path);
+    /// The command that runs a service binary with only this test's
+    /// environment (plus `extra`), its output piped for the test to read.
+    fn command(&self, service: Service, extra: &[(&str, &str)]) -> Command {
+        let mut command = Command::new(binary(service.binary()));
         command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -194,9 +187,16 @@ impl TestEnv {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .stdin(Stdio::null());
-        let mut child = command
+        command
+    }
+
+    /// Starts a service binary with this test's environment (plus `extra`)
+    /// and waits until it logs the address it listens on.
+    pub async fn spawn(&self, service: Service, extra: &[(&str, &str)]) -> Running {
+        let mut child = self
+            .command(service, extra)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", path.display()));
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary(service.binary()).display()));
         let logs = Arc::new(Mutex::new(Vec::new()));
         for stream in [
             child
@@ -263,15 +263,8 @@ impl TestEnv {
         deadline: Duration,
     ) -> Finished {
         let path = binary(service.binary());
-        let mut command = tokio::process::Command::new(&path);
-        command
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(self.service_env(service))
-            .envs(extra.iter().copied())
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
+        let mut command = tokio::process::Command::from(self.command(service, extra));
+        command.args(args).kill_on_drop(true);
         let output = tokio::time::timeout(deadline, command.output())
             .await
             .unwrap_or_else(|_| panic!("{} {args:?} ran past {deadline:?}", service.binary()))
