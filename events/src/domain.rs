@@ -49,12 +49,130 @@ pub struct UserReactivated {
     pub reason: Option<String>,
 }
 
+/// A password check failed. Consecutive failures are counted from the stream
+/// and lead to [`UserLocked`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordCheckFailed {}
+
+/// A password check succeeded after failures: the count starts again. Recorded
+/// only when it ends a run of failures, so an ordinary sign-in appends nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordCheckSucceeded {}
+
+/// Too many consecutive failed password checks: no password is checked for
+/// this user until `until` (or an administrator's [`UserUnlocked`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserLocked {
+    pub until: DateTime<Utc>,
+}
+
+/// An administrator lifted a lock before it ran out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserUnlocked {
+    pub reason: Option<String>,
+}
+
+/// The user chose a new password.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordChanged {
+    pub password_hash: PasswordHash,
+}
+
+/// The same password, hashed again under the current argon2 parameters at a
+/// successful sign-in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordRehashed {
+    pub password_hash: PasswordHash,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleGranted {
+    pub role: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleRevoked {
+    pub role: String,
+}
+
 /// Everything that can happen to a user, in the past tense.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UserEvent {
     Registered(UserRegistered),
     Deactivated(UserDeactivated),
     Reactivated(UserReactivated),
+    PasswordCheckFailed(PasswordCheckFailed),
+    PasswordCheckSucceeded(PasswordCheckSucceeded),
+    Locked(UserLocked),
+    Unlocked(UserUnlocked),
+    PasswordChanged(PasswordChanged),
+    PasswordRehashed(PasswordRehashed),
+    RoleGranted(RoleGranted),
+    RoleRevoked(RoleRevoked),
+}
+
+/// Every stored event type, with its variant: the one table that
+/// [`UserEvent::event_type`], [`UserEvent::payload`] and [`UserEvent::decode`]
+/// are written from.
+macro_rules! event_types {
+    ($($variant:ident => $name:literal),+ $(,)?) => {
+        impl UserEvent {
+            /// Every `event_type` this build writes and reads.
+            pub const TYPES: &'static [&'static str] = &[$($name),+];
+
+            /// The `event_type` column.
+            pub fn event_type(&self) -> &'static str {
+                match self {
+                    $(Self::$variant(_) => $name,)+
+                }
+            }
+
+            /// The `payload` column.
+            pub fn payload(&self) -> serde_json::Value {
+                let encoded = match self {
+                    $(Self::$variant(e) => serde_json::to_value(e),)+
+                };
+                // Serialising plain structs of strings and times cannot fail.
+                encoded.expect("event payloads serialise to JSON")
+            }
+
+            fn decode_current(
+                event_type: &str,
+                payload: serde_json::Value,
+            ) -> Result<Self, DecodeError> {
+                let malformed = |source| DecodeError::Payload {
+                    event_type: event_type.to_owned(),
+                    source,
+                };
+                Ok(match event_type {
+                    $($name => Self::$variant(serde_json::from_value(payload).map_err(malformed)?),)+
+                    other => return Err(DecodeError::UnknownType(other.to_owned())),
+                })
+            }
+        }
+    };
+}
+
+event_types! {
+    Registered => "UserRegistered",
+    Deactivated => "UserDeactivated",
+    Reactivated => "UserReactivated",
+    PasswordCheckFailed => "PasswordCheckFailed",
+    PasswordCheckSucceeded => "PasswordCheckSucceeded",
+    Locked => "UserLocked",
+    Unlocked => "UserUnlocked",
+    PasswordChanged => "PasswordChanged",
+    PasswordRehashed => "PasswordRehashed",
+    RoleGranted => "RoleGranted",
+    RoleRevoked => "RoleRevoked",
 }
 
 /// Why a stored event could not be read back.
@@ -81,32 +199,9 @@ impl UserEvent {
     pub const DEACTIVATED: &'static str = "UserDeactivated";
     pub const REACTIVATED: &'static str = "UserReactivated";
 
-    /// The `event_type` column.
-    pub fn event_type(&self) -> &'static str {
-        match self {
-            Self::Registered(_) => Self::REGISTERED,
-            Self::Deactivated(_) => Self::DEACTIVATED,
-            Self::Reactivated(_) => Self::REACTIVATED,
-        }
-    }
-
     /// The `schema_version` written for this event type today.
     pub fn current_schema_version(event_type: &str) -> Option<i16> {
-        match event_type {
-            Self::REGISTERED | Self::DEACTIVATED | Self::REACTIVATED => Some(1),
-            _ => None,
-        }
-    }
-
-    /// The `payload` column.
-    pub fn payload(&self) -> serde_json::Value {
-        let encoded = match self {
-            Self::Registered(e) => serde_json::to_value(e),
-            Self::Deactivated(e) => serde_json::to_value(e),
-            Self::Reactivated(e) => serde_json::to_value(e),
-        };
-        // Serialising plain structs of strings cannot fail.
-        encoded.expect("event payloads serialise to JSON")
+        Self::TYPES.contains(&event_type).then_some(1)
     }
 
     /// Reads a stored event, upcasting older schema versions to the current one.
@@ -116,22 +211,7 @@ impl UserEvent {
         payload: serde_json::Value,
     ) -> Result<Self, DecodeError> {
         let payload = upcast_checked(event_type, schema_version, payload)?;
-        let malformed = |source| DecodeError::Payload {
-            event_type: event_type.to_owned(),
-            source,
-        };
-        Ok(match event_type {
-            Self::REGISTERED => {
-                Self::Registered(serde_json::from_value(payload).map_err(malformed)?)
-            }
-            Self::DEACTIVATED => {
-                Self::Deactivated(serde_json::from_value(payload).map_err(malformed)?)
-            }
-            Self::REACTIVATED => {
-                Self::Reactivated(serde_json::from_value(payload).map_err(malformed)?)
-            }
-            other => return Err(DecodeError::UnknownType(other.to_owned())),
-        })
+        Self::decode_current(event_type, payload)
     }
 }
 
@@ -200,7 +280,8 @@ pub struct EventMetadata {
     pub correlation_id: Option<String>,
     /// The id of the message that directly caused this one, when it was another event.
     pub causation_id: Option<String>,
-    /// The acting principal: `anonymous` for self-registration, `admin` for admin commands.
+    /// The acting principal: `anonymous` for self-registration and sign-in,
+    /// `bootstrap` for the `ADMIN_TOKEN`, otherwise the acting user's id.
     pub actor: String,
     /// The client's `Idempotency-Key`, when one was sent.
     pub idempotency_key: Option<String>,
@@ -237,7 +318,28 @@ mod tests {
                 reason: Some("spam".into()),
             }),
             UserEvent::Reactivated(UserReactivated { reason: None }),
+            UserEvent::PasswordCheckFailed(PasswordCheckFailed {}),
+            UserEvent::PasswordCheckSucceeded(PasswordCheckSucceeded {}),
+            UserEvent::Locked(UserLocked {
+                until: "2026-12-03T10:00:00Z".parse().unwrap(),
+            }),
+            UserEvent::Unlocked(UserUnlocked {
+                reason: Some("verified by phone".into()),
+            }),
+            UserEvent::PasswordChanged(PasswordChanged {
+                password_hash: PasswordHash::new("$argon2id$v=19$new".into()),
+            }),
+            UserEvent::PasswordRehashed(PasswordRehashed {
+                password_hash: PasswordHash::new("$argon2id$v=19$again".into()),
+            }),
+            UserEvent::RoleGranted(RoleGranted {
+                role: "admin".into(),
+            }),
+            UserEvent::RoleRevoked(RoleRevoked {
+                role: "admin".into(),
+            }),
         ];
+        assert_eq!(all.len(), UserEvent::TYPES.len(), "one example per type");
         for event in all {
             let version = UserEvent::current_schema_version(event.event_type()).unwrap();
             let back = UserEvent::decode(event.event_type(), version, event.payload()).unwrap();

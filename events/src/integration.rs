@@ -18,9 +18,34 @@ pub const CONTENT_TYPE: &str = "application/json";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum PublicChange {
-    Registered { username: String, email: String },
-    Deactivated { reason: Option<String> },
-    Reactivated { reason: Option<String> },
+    Registered {
+        username: String,
+        email: String,
+    },
+    Deactivated {
+        reason: Option<String>,
+    },
+    Reactivated {
+        reason: Option<String>,
+    },
+    PasswordCheckFailed,
+    PasswordCheckSucceeded,
+    Locked {
+        until: DateTime<Utc>,
+    },
+    Unlocked {
+        reason: Option<String>,
+    },
+    /// Only that it changed: the hash stays on the write side.
+    PasswordChanged,
+    /// Only that it was rehashed: the hash stays on the write side.
+    PasswordRehashed,
+    RoleGranted {
+        role: String,
+    },
+    RoleRevoked {
+        role: String,
+    },
 }
 
 /// One row of the `events_public` view (the log without secrets), as read.
@@ -69,6 +94,20 @@ struct ReasonData {
     reason: Option<String>,
 }
 
+#[derive(Serialize, Deserialize)]
+struct LockedData {
+    until: DateTime<Utc>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RoleData {
+    role: String,
+}
+
+/// The `data` of events that carry nothing public beyond their type.
+#[derive(Serialize, Deserialize)]
+struct NoData {}
+
 /// Why a message could not be read as an integration event.
 #[derive(Debug, thiserror::Error)]
 pub enum MessageError {
@@ -82,12 +121,104 @@ pub enum MessageError {
     Body(#[from] serde_json::Error),
 }
 
-impl IntegrationEvent {
-    pub const TYPE_REGISTERED: &'static str = "user.registered.v1";
-    pub const TYPE_DEACTIVATED: &'static str = "user.deactivated.v1";
-    pub const TYPE_REACTIVATED: &'static str = "user.reactivated.v1";
+/// `ce_type` of every public change, and how its `data` is read: the one
+/// table the producer's and the readers' code is written from.
+macro_rules! public_types {
+    ($($const:ident = $ce_type:literal, $event_type:literal:
+        $pattern:pat => $data:expr, |$d:ident: $data_type:ty| $change:expr;)+) => {
+        impl IntegrationEvent {
+            $(pub const $const: &'static str = $ce_type;)+
 
-    /// The public form of a stored event (the password hash stays behind).
+            /// Every `ce_type` this build produces and reads.
+            pub const TYPES: &'static [&'static str] = &[$($ce_type),+];
+
+            /// The `ce_type` attribute.
+            pub fn ce_type(&self) -> &'static str {
+                #[allow(unused_variables)]
+                match &self.change {
+                    $($pattern => $ce_type,)+
+                }
+            }
+
+            /// The JSON body.
+            pub fn body(&self) -> Vec<u8> {
+                match &self.change {
+                    $($pattern => self.encode($data),)+
+                }
+            }
+
+            /// The change from a `data` value, by `ce_type`.
+            fn change_from_ce(
+                ce_type: &str,
+                data: serde_json::Value,
+            ) -> Result<Option<PublicChange>, serde_json::Error> {
+                Ok(Some(match ce_type {
+                    $($ce_type => {
+                        let $d: $data_type = serde_json::from_value(data)?;
+                        $change
+                    })+
+                    _ => return Ok(None),
+                }))
+            }
+
+            /// The change from a payload of `events_public`, by `event_type`.
+            fn change_from_log(
+                event_type: &str,
+                payload: serde_json::Value,
+            ) -> Result<Option<PublicChange>, serde_json::Error> {
+                Ok(Some(match event_type {
+                    $($event_type => {
+                        let $d: $data_type = serde_json::from_value(payload)?;
+                        $change
+                    })+
+                    _ => return Ok(None),
+                }))
+            }
+        }
+    };
+}
+
+public_types! {
+    TYPE_REGISTERED = "user.registered.v1", "UserRegistered":
+        PublicChange::Registered { username, email } => RegisteredData {
+            username: username.clone(),
+            email: email.clone(),
+        },
+        |d: RegisteredData| PublicChange::Registered { username: d.username, email: d.email };
+    TYPE_DEACTIVATED = "user.deactivated.v1", "UserDeactivated":
+        PublicChange::Deactivated { reason } => ReasonData { reason: reason.clone() },
+        |d: ReasonData| PublicChange::Deactivated { reason: d.reason };
+    TYPE_REACTIVATED = "user.reactivated.v1", "UserReactivated":
+        PublicChange::Reactivated { reason } => ReasonData { reason: reason.clone() },
+        |d: ReasonData| PublicChange::Reactivated { reason: d.reason };
+    TYPE_PASSWORD_CHECK_FAILED = "user.password_check_failed.v1", "PasswordCheckFailed":
+        PublicChange::PasswordCheckFailed => NoData {},
+        |_d: NoData| PublicChange::PasswordCheckFailed;
+    TYPE_PASSWORD_CHECK_SUCCEEDED = "user.password_check_succeeded.v1", "PasswordCheckSucceeded":
+        PublicChange::PasswordCheckSucceeded => NoData {},
+        |_d: NoData| PublicChange::PasswordCheckSucceeded;
+    TYPE_LOCKED = "user.locked.v1", "UserLocked":
+        PublicChange::Locked { until } => LockedData { until: *until },
+        |d: LockedData| PublicChange::Locked { until: d.until };
+    TYPE_UNLOCKED = "user.unlocked.v1", "UserUnlocked":
+        PublicChange::Unlocked { reason } => ReasonData { reason: reason.clone() },
+        |d: ReasonData| PublicChange::Unlocked { reason: d.reason };
+    TYPE_PASSWORD_CHANGED = "user.password_changed.v1", "PasswordChanged":
+        PublicChange::PasswordChanged => NoData {},
+        |_d: NoData| PublicChange::PasswordChanged;
+    TYPE_PASSWORD_REHASHED = "user.password_rehashed.v1", "PasswordRehashed":
+        PublicChange::PasswordRehashed => NoData {},
+        |_d: NoData| PublicChange::PasswordRehashed;
+    TYPE_ROLE_GRANTED = "user.role_granted.v1", "RoleGranted":
+        PublicChange::RoleGranted { role } => RoleData { role: role.clone() },
+        |d: RoleData| PublicChange::RoleGranted { role: d.role };
+    TYPE_ROLE_REVOKED = "user.role_revoked.v1", "RoleRevoked":
+        PublicChange::RoleRevoked { role } => RoleData { role: role.clone() },
+        |d: RoleData| PublicChange::RoleRevoked { role: d.role };
+}
+
+impl IntegrationEvent {
+    /// The public form of a stored event (secrets stay behind).
     pub fn from_recorded(recorded: &RecordedEvent) -> Self {
         let change = match &recorded.event {
             UserEvent::Registered(e) => PublicChange::Registered {
@@ -99,6 +230,20 @@ impl IntegrationEvent {
             },
             UserEvent::Reactivated(e) => PublicChange::Reactivated {
                 reason: e.reason.clone(),
+            },
+            UserEvent::PasswordCheckFailed(_) => PublicChange::PasswordCheckFailed,
+            UserEvent::PasswordCheckSucceeded(_) => PublicChange::PasswordCheckSucceeded,
+            UserEvent::Locked(e) => PublicChange::Locked { until: e.until },
+            UserEvent::Unlocked(e) => PublicChange::Unlocked {
+                reason: e.reason.clone(),
+            },
+            UserEvent::PasswordChanged(_) => PublicChange::PasswordChanged,
+            UserEvent::PasswordRehashed(_) => PublicChange::PasswordRehashed,
+            UserEvent::RoleGranted(e) => PublicChange::RoleGranted {
+                role: e.role.clone(),
+            },
+            UserEvent::RoleRevoked(e) => PublicChange::RoleRevoked {
+                role: e.role.clone(),
             },
         };
         Self {
@@ -116,30 +261,12 @@ impl IntegrationEvent {
     /// versions are upcast first; unknown payload fields are ignored.
     pub fn from_public_row(row: PublicRow) -> Result<Self, DecodeError> {
         let payload = domain::upcast_checked(&row.event_type, row.schema_version, row.payload)?;
-        let malformed = |source| DecodeError::Payload {
-            event_type: row.event_type.clone(),
-            source,
-        };
-        let change = match row.event_type.as_str() {
-            UserEvent::REGISTERED => {
-                let d: RegisteredData = serde_json::from_value(payload).map_err(malformed)?;
-                PublicChange::Registered {
-                    username: d.username,
-                    email: d.email,
-                }
-            }
-            UserEvent::DEACTIVATED => PublicChange::Deactivated {
-                reason: serde_json::from_value::<ReasonData>(payload)
-                    .map_err(malformed)?
-                    .reason,
-            },
-            UserEvent::REACTIVATED => PublicChange::Reactivated {
-                reason: serde_json::from_value::<ReasonData>(payload)
-                    .map_err(malformed)?
-                    .reason,
-            },
-            other => return Err(DecodeError::UnknownType(other.to_owned())),
-        };
+        let change = Self::change_from_log(&row.event_type, payload)
+            .map_err(|source| DecodeError::Payload {
+                event_type: row.event_type.clone(),
+                source,
+            })?
+            .ok_or_else(|| DecodeError::UnknownType(row.event_type.clone()))?;
         Ok(Self {
             event_id: row.event_id,
             user_id: row.stream_id,
@@ -148,15 +275,6 @@ impl IntegrationEvent {
             occurred_at: row.recorded_at,
             change,
         })
-    }
-
-    /// The `ce_type` attribute.
-    pub fn ce_type(&self) -> &'static str {
-        match self.change {
-            PublicChange::Registered { .. } => Self::TYPE_REGISTERED,
-            PublicChange::Deactivated { .. } => Self::TYPE_DEACTIVATED,
-            PublicChange::Reactivated { .. } => Self::TYPE_REACTIVATED,
-        }
     }
 
     /// The Kafka message key: the user id, so one user's events share a partition.
@@ -181,20 +299,6 @@ impl IntegrationEvent {
         ]
     }
 
-    /// The JSON body.
-    pub fn body(&self) -> Vec<u8> {
-        match &self.change {
-            PublicChange::Registered { username, email } => self.encode(RegisteredData {
-                username: username.clone(),
-                email: email.clone(),
-            }),
-            PublicChange::Deactivated { reason } | PublicChange::Reactivated { reason } => self
-                .encode(ReasonData {
-                    reason: reason.clone(),
-                }),
-        }
-    }
-
     fn encode<D: Serialize>(&self, data: D) -> Vec<u8> {
         let body = Body {
             user_id: self.user_id,
@@ -210,22 +314,8 @@ impl IntegrationEvent {
     pub fn decode(ce_id: &str, ce_type: &str, body: &[u8]) -> Result<Self, MessageError> {
         let event_id = Uuid::parse_str(ce_id).map_err(|_| MessageError::BadId(ce_id.to_owned()))?;
         let raw: Body<serde_json::Value> = serde_json::from_slice(body)?;
-        let change = match ce_type {
-            Self::TYPE_REGISTERED => {
-                let d: RegisteredData = serde_json::from_value(raw.data)?;
-                PublicChange::Registered {
-                    username: d.username,
-                    email: d.email,
-                }
-            }
-            Self::TYPE_DEACTIVATED => PublicChange::Deactivated {
-                reason: serde_json::from_value::<ReasonData>(raw.data)?.reason,
-            },
-            Self::TYPE_REACTIVATED => PublicChange::Reactivated {
-                reason: serde_json::from_value::<ReasonData>(raw.data)?.reason,
-            },
-            other => return Err(MessageError::UnknownType(other.to_owned())),
-        };
+        let change = Self::change_from_ce(ce_type, raw.data)?
+            .ok_or_else(|| MessageError::UnknownType(ce_type.to_owned()))?;
         Ok(Self {
             event_id,
             user_id: raw.user_id,

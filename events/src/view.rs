@@ -48,6 +48,20 @@ pub struct UserView {
     pub version: i32,
     pub registered_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The roles granted and not revoked, sorted.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Set while a lock from failed password checks may be in force: no
+    /// password is checked before this time (unless an administrator unlocks).
+    #[serde(default)]
+    pub locked_until: Option<DateTime<Utc>>,
+}
+
+impl UserView {
+    /// Whether a lock is in force at `now`.
+    pub fn locked_at(&self, now: DateTime<Utc>) -> bool {
+        self.locked_until.is_some_and(|until| until > now)
+    }
 }
 
 /// What one event does to a view.
@@ -89,19 +103,34 @@ pub fn project(current: Option<&UserView>, event: &IntegrationEvent) -> Projecti
             version: event.stream_version,
             registered_at: event.occurred_at,
             updated_at: event.occurred_at,
+            roles: Vec::new(),
+            locked_until: None,
         }),
-        (Some(view), PublicChange::Deactivated { .. }) => Projection::Apply(UserView {
-            status: UserStatus::Deactivated,
-            version: event.stream_version,
-            updated_at: event.occurred_at,
-            ..view.clone()
-        }),
-        (Some(view), PublicChange::Reactivated { .. }) => Projection::Apply(UserView {
-            status: UserStatus::Active,
-            version: event.stream_version,
-            updated_at: event.occurred_at,
-            ..view.clone()
-        }),
+        (Some(view), change) => {
+            let mut next = UserView {
+                version: event.stream_version,
+                updated_at: event.occurred_at,
+                ..view.clone()
+            };
+            match change {
+                PublicChange::Registered { .. } => return invalid,
+                PublicChange::Deactivated { .. } => next.status = UserStatus::Deactivated,
+                PublicChange::Reactivated { .. } => next.status = UserStatus::Active,
+                PublicChange::Locked { until } => next.locked_until = Some(*until),
+                PublicChange::Unlocked { .. } => next.locked_until = None,
+                PublicChange::RoleGranted { role } => {
+                    if let Err(at) = next.roles.binary_search(role) {
+                        next.roles.insert(at, role.clone());
+                    }
+                }
+                PublicChange::RoleRevoked { role } => next.roles.retain(|r| r != role),
+                PublicChange::PasswordCheckFailed
+                | PublicChange::PasswordCheckSucceeded
+                | PublicChange::PasswordChanged
+                | PublicChange::PasswordRehashed => {}
+            }
+            Projection::Apply(next)
+        }
         _ => invalid,
     }
 }
@@ -177,6 +206,41 @@ mod tests {
                 event: 2
             }
         );
+    }
+
+    #[test]
+    fn roles_and_locks_are_folded_into_the_view() {
+        let mut view = applied(project(None, &registered()));
+        let until: DateTime<Utc> = "2030-01-01T00:00:00Z".parse().unwrap();
+        let changes = [
+            PublicChange::RoleGranted {
+                role: "support".into(),
+            },
+            PublicChange::RoleGranted {
+                role: "admin".into(),
+            },
+            PublicChange::PasswordCheckFailed,
+            PublicChange::Locked { until },
+        ];
+        for (i, change) in changes.into_iter().enumerate() {
+            view = applied(project(Some(&view), &event(2 + i as i32, change)));
+        }
+        assert_eq!(view.roles, ["admin", "support"]);
+        assert_eq!((view.locked_until, view.version), (Some(until), 5));
+        assert!(view.locked_at(until - chrono::Duration::seconds(1)));
+        assert!(!view.locked_at(until));
+        let changes = [
+            PublicChange::Unlocked { reason: None },
+            PublicChange::RoleRevoked {
+                role: "support".into(),
+            },
+            PublicChange::PasswordChanged,
+        ];
+        for (i, change) in changes.into_iter().enumerate() {
+            view = applied(project(Some(&view), &event(6 + i as i32, change)));
+        }
+        assert_eq!(view.roles, ["admin"]);
+        assert_eq!((view.locked_until, view.status), (None, UserStatus::Active));
     }
 
     #[test]
