@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use futures::future::join_all;
 use reqwest::header::{ETAG, IF_NONE_MATCH};
-use userstream_tests::{Service, TestEnv, TEST_ADMIN_TOKEN};
+use userstream_tests::{Service, TestEnv};
 
 use crate::projection::{clean_up, VIEW_TTL};
 use crate::stats::percentile;
@@ -79,13 +79,16 @@ pub struct Visibility {
 struct Users {
     deactivated: Vec<AtomicBool>,
     busy: Vec<AtomicBool>,
+    /// An administrator's access token: status changes need one.
+    admin_token: String,
 }
 
 impl Users {
-    fn new(n: usize) -> Self {
+    fn new(n: usize, admin_token: String) -> Self {
         Self {
             deactivated: (0..n).map(|_| AtomicBool::new(false)).collect(),
             busy: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            admin_token,
         }
     }
 
@@ -123,7 +126,7 @@ async fn toggle(
     };
     let response = http
         .post(format!("{api}/users/{}/{verb}", bench_user(user)))
-        .bearer_auth(TEST_ADMIN_TOKEN)
+        .bearer_auth(&users.admin_token)
         .send()
         .await?;
     let status = response.status();
@@ -314,11 +317,12 @@ pub async fn visibility(plan: &Plan, run: usize) -> anyhow::Result<Visibility> {
             &[("RUST_LOG", "warn,query_api::startup=info"), VIEW_TTL],
         )
         .await;
+    let http = reqwest::Client::new();
+    let admin_token = userstream_tests::identity::admin_token(&http, &command_api).await;
     caught_up(&env).await?;
     let api = command_api.url("");
     let query = query_api.url("");
-    let http = reqwest::Client::new();
-    let users = Arc::new(Users::new(n_users));
+    let users = Arc::new(Users::new(n_users, admin_token));
     let window = Duration::from_secs(plan.seconds);
 
     // 1. The maximum: closed-loop clients, each toggling its own users.

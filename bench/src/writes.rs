@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use futures::future::join_all;
 use serde_json::json;
-use userstream_tests::{Running, Service, TestEnv, TEST_ADMIN_TOKEN};
+use userstream_tests::{Running, Service, TestEnv};
 
 use crate::stats::{median, percentile};
 use crate::Plan;
@@ -203,12 +203,14 @@ pub async fn status_changes(plan: &Plan, run: usize) -> anyhow::Result<StatusCha
     let pg_env = seeded_env().await?;
     let api = api_env.spawn(Service::CommandApi, &QUIET).await;
     let http = reqwest::Client::new();
+    let admin_token = userstream_tests::identity::admin_token(&http, &api).await;
 
     let window = Duration::from_secs(plan.seconds);
     let started = Instant::now();
     let clients = (0..STATUS_CLIENTS).map(|client| {
         let http = http.clone();
         let api = &api;
+        let admin_token = &admin_token;
         async move {
             let mut deactivated = [false; USERS_PER_CLIENT];
             let mut accepted = 0u64;
@@ -223,7 +225,7 @@ pub async fn status_changes(plan: &Plan, run: usize) -> anyhow::Result<StatusCha
                 let id = bench_user(client * USERS_PER_CLIENT + slot);
                 let status = http
                     .post(api.url(&format!("/users/{id}/{verb}")))
-                    .bearer_auth(TEST_ADMIN_TOKEN)
+                    .bearer_auth(admin_token)
                     .send()
                     .await?
                     .status();

@@ -8,6 +8,9 @@ use platform::db::DatabaseSettings;
 use platform::kafka::KafkaClientSettings;
 use secrecy::SecretString;
 
+use crate::domain::sign_in::LockoutPolicy;
+use crate::tokens::TokenSettings;
+
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// `BIND_ADDR`, default `127.0.0.1:3001`.
@@ -32,6 +35,26 @@ pub struct Settings {
     pub idempotency_ttl: Duration,
     pub kafka: KafkaSettings,
     pub relay: RelaySettings,
+    pub identity: IdentitySettings,
+}
+
+/// Sign-in, tokens and lockout.
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    /// `JWT_SIGNING_KEY_FILE` (a PKCS#8 PEM Ed25519 private key, e.g. from
+    /// `openssl genpkey -algorithm ed25519`) or `JWT_SIGNING_KEY` (the PEM
+    /// itself): required; there is no built-in key. As (where from, PEM).
+    pub signing_key: (String, SecretString),
+    /// `JWT_PREVIOUS_KEY_FILES`: comma-separated PEM files (private or
+    /// public) of earlier signing keys, kept in the JWKS and for verification
+    /// until the tokens they signed have expired.
+    pub previous_keys: Vec<(String, String)>,
+    /// `JWT_ISSUER`, `JWT_AUDIENCE`, `ACCESS_TOKEN_TTL_SECS` (default 300),
+    /// `REFRESH_TOKEN_TTL_SECS` (default 14 days).
+    pub tokens: TokenSettings,
+    /// `LOCKOUT_MAX_FAILURES` (default 5) consecutive failed password checks
+    /// lock the account for `LOCKOUT_SECONDS` (default 900).
+    pub lockout: LockoutPolicy,
 }
 
 /// The per-client rate limit on registration (a GCRA token bucket).
@@ -115,6 +138,7 @@ impl Settings {
                 ce_source: string("CE_SOURCE", "urn:userstream:command-api"),
                 client: KafkaClientSettings::from_env()?,
             },
+            identity: IdentitySettings::from_env()?,
             relay: RelaySettings {
                 enabled: parse("RELAY_ENABLED", true)?,
                 batch_size: parse("RELAY_BATCH_SIZE", 5000)?,
@@ -129,4 +153,57 @@ impl Settings {
             },
         })
     }
+}
+
+impl IdentitySettings {
+    fn from_env() -> Result<Self, InvalidSetting> {
+        let signing_key = match (
+            string("JWT_SIGNING_KEY_FILE", ""),
+            string("JWT_SIGNING_KEY", ""),
+        ) {
+            (path, _) if !path.is_empty() => {
+                (path.clone(), read_key("JWT_SIGNING_KEY_FILE", &path)?)
+            }
+            (_, pem) if !pem.is_empty() => ("JWT_SIGNING_KEY".to_owned(), pem),
+            _ => {
+                return Err(InvalidSetting {
+                    name: "JWT_SIGNING_KEY_FILE",
+                    value: String::new(),
+                    reason: "must name an Ed25519 private key (PEM); there is no built-in one"
+                        .into(),
+                })
+            }
+        };
+        let previous_keys = string("JWT_PREVIOUS_KEY_FILES", "")
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|path| Ok((path.to_owned(), read_key("JWT_PREVIOUS_KEY_FILES", path)?)))
+            .collect::<Result<_, InvalidSetting>>()?;
+        let max_failures: u32 = parse("LOCKOUT_MAX_FAILURES", 5)?;
+        Ok(Self {
+            signing_key: (signing_key.0, signing_key.1.into()),
+            previous_keys,
+            tokens: TokenSettings {
+                issuer: string("JWT_ISSUER", "http://127.0.0.1:3001"),
+                audience: string("JWT_AUDIENCE", "userstream"),
+                access_ttl: Duration::from_secs(parse::<u64>("ACCESS_TOKEN_TTL_SECS", 300)?.max(1)),
+                refresh_ttl: Duration::from_secs(
+                    parse::<u64>("REFRESH_TOKEN_TTL_SECS", 14 * 86_400)?.max(1),
+                ),
+            },
+            lockout: LockoutPolicy {
+                max_failures: max_failures.max(1),
+                lock_for: chrono::Duration::seconds(parse::<i64>("LOCKOUT_SECONDS", 900)?.max(1)),
+            },
+        })
+    }
+}
+
+fn read_key(name: &'static str, path: &str) -> Result<String, InvalidSetting> {
+    std::fs::read_to_string(path).map_err(|error| InvalidSetting {
+        name,
+        value: path.to_owned(),
+        reason: format!("cannot read it: {error}"),
+    })
 }

@@ -1,15 +1,32 @@
 //! The user aggregate: its state is a fold of its stream, and every decision is
 //! the pure function [`decide`], so the rules are tested without any I/O.
 
-use events::domain::{UserDeactivated, UserReactivated, UserRegistered};
+pub mod roles;
+pub mod sign_in;
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+use events::domain::{
+    PasswordChanged, RoleGranted, RoleRevoked, UserDeactivated, UserReactivated, UserRegistered,
+    UserUnlocked,
+};
 use events::{PasswordHash, UserEvent};
 
 /// What the write side knows of one user, rebuilt from their stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct User {
     /// The stream's last version; 0 for a stream with no events.
     pub version: i32,
     pub status: Status,
+    /// The current argon2id hash; `None` only before registration.
+    pub password_hash: Option<PasswordHash>,
+    /// Failed password checks since the last success, lock, unlock or
+    /// password change.
+    pub failed_checks: u32,
+    /// The end of the last lock, unless an administrator lifted it.
+    pub locked_until: Option<DateTime<Utc>>,
+    pub roles: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -34,6 +51,20 @@ pub enum Command {
     Reactivate {
         reason: Option<String>,
     },
+    /// Lift a lock before it runs out (an administrator).
+    Unlock {
+        reason: Option<String>,
+    },
+    /// The user's own new password, after their current one was checked.
+    ChangePassword {
+        password_hash: PasswordHash,
+    },
+    GrantRole {
+        role: String,
+    },
+    RevokeRole {
+        role: String,
+    },
 }
 
 /// Why a command was refused by the rules (not by the infrastructure).
@@ -47,6 +78,14 @@ pub enum DomainError {
     AlreadyDeactivated,
     #[error("the user is already active")]
     AlreadyActive,
+    #[error("the user is not locked")]
+    NotLocked,
+    #[error("the user is deactivated")]
+    Deactivated,
+    #[error("the user already has this role")]
+    RoleAlreadyGranted,
+    #[error("the user does not have this role")]
+    RoleNotGranted,
 }
 
 impl User {
@@ -56,20 +95,53 @@ impl User {
     }
 
     /// The state after one more event.
-    pub fn evolve(self, event: &UserEvent) -> Self {
-        let status = match event {
-            UserEvent::Registered(_) | UserEvent::Reactivated(_) => Status::Active,
-            UserEvent::Deactivated(_) => Status::Deactivated,
-        };
-        Self {
-            version: self.version + 1,
-            status,
+    pub fn evolve(mut self, event: &UserEvent) -> Self {
+        self.version += 1;
+        match event {
+            UserEvent::Registered(e) => {
+                self.status = Status::Active;
+                self.password_hash = Some(e.password_hash.clone());
+            }
+            UserEvent::Reactivated(_) => self.status = Status::Active,
+            UserEvent::Deactivated(_) => self.status = Status::Deactivated,
+            UserEvent::PasswordCheckFailed(_) => self.failed_checks += 1,
+            UserEvent::PasswordCheckSucceeded(_) => self.failed_checks = 0,
+            UserEvent::Locked(e) => {
+                self.locked_until = Some(e.until);
+                self.failed_checks = 0;
+            }
+            UserEvent::Unlocked(_) => {
+                self.locked_until = None;
+                self.failed_checks = 0;
+            }
+            UserEvent::PasswordChanged(e) => {
+                self.password_hash = Some(e.password_hash.clone());
+                self.failed_checks = 0;
+            }
+            UserEvent::PasswordRehashed(e) => self.password_hash = Some(e.password_hash.clone()),
+            UserEvent::RoleGranted(e) => {
+                self.roles.insert(e.role.clone());
+            }
+            UserEvent::RoleRevoked(e) => {
+                self.roles.remove(&e.role);
+            }
         }
+        self
+    }
+
+    /// Whether a lock is in force at `now`.
+    pub fn locked_at(&self, now: DateTime<Utc>) -> bool {
+        self.locked_until.is_some_and(|until| until > now)
     }
 }
 
 /// The events a command produces on a user in `state`, or why it is refused.
-pub fn decide(state: &User, command: Command) -> Result<Vec<UserEvent>, DomainError> {
+/// Locks are decided at `now`.
+pub fn decide(
+    state: &User,
+    command: Command,
+    now: DateTime<Utc>,
+) -> Result<Vec<UserEvent>, DomainError> {
     match (state.status, command) {
         (
             Status::Unregistered,
@@ -93,6 +165,33 @@ pub fn decide(state: &User, command: Command) -> Result<Vec<UserEvent>, DomainEr
             Ok(vec![UserEvent::Reactivated(UserReactivated { reason })])
         }
         (Status::Active, Command::Reactivate { .. }) => Err(DomainError::AlreadyActive),
+        (_, Command::Unlock { reason }) => {
+            if state.locked_at(now) {
+                Ok(vec![UserEvent::Unlocked(UserUnlocked { reason })])
+            } else {
+                Err(DomainError::NotLocked)
+            }
+        }
+        (Status::Deactivated, Command::ChangePassword { .. }) => Err(DomainError::Deactivated),
+        (Status::Active, Command::ChangePassword { password_hash }) => {
+            Ok(vec![UserEvent::PasswordChanged(PasswordChanged {
+                password_hash,
+            })])
+        }
+        (_, Command::GrantRole { role }) => {
+            if state.roles.contains(&role) {
+                Err(DomainError::RoleAlreadyGranted)
+            } else {
+                Ok(vec![UserEvent::RoleGranted(RoleGranted { role })])
+            }
+        }
+        (_, Command::RevokeRole { role }) => {
+            if state.roles.contains(&role) {
+                Ok(vec![UserEvent::RoleRevoked(RoleRevoked { role })])
+            } else {
+                Err(DomainError::RoleNotGranted)
+            }
+        }
     }
 }
 
@@ -123,7 +222,7 @@ mod tests {
     /// given past events, when a command, then events or an error.
     fn given(history: &[UserEvent]) -> impl FnOnce(Command) -> Result<Vec<UserEvent>, DomainError> {
         let state = User::from_events(history);
-        move |command| decide(&state, command)
+        move |command| decide(&state, command, Utc::now())
     }
 
     #[test]
@@ -191,12 +290,54 @@ mod tests {
     #[test]
     fn the_version_counts_the_events_folded() {
         let state = User::from_events(&[registered(), deactivated()]);
+        assert_eq!((state.version, state.status), (2, Status::Deactivated));
+    }
+
+    #[test]
+    fn roles_are_granted_once_and_revoked_once() {
+        let grant = || Command::GrantRole {
+            role: "admin".into(),
+        };
+        let granted = given(&[registered()])(grant()).unwrap();
+        let mut history = vec![registered()];
+        history.extend(granted);
         assert_eq!(
-            state,
-            User {
-                version: 2,
-                status: Status::Deactivated
-            }
+            given(&history)(grant()),
+            Err(DomainError::RoleAlreadyGranted)
+        );
+        let revoke = || Command::RevokeRole {
+            role: "admin".into(),
+        };
+        history.extend(given(&history)(revoke()).unwrap());
+        assert!(User::from_events(&history).roles.is_empty());
+        assert_eq!(given(&history)(revoke()), Err(DomainError::RoleNotGranted));
+    }
+
+    #[test]
+    fn only_a_lock_in_force_can_be_lifted() {
+        let unlock = || Command::Unlock { reason: None };
+        assert_eq!(
+            given(&[registered()])(unlock()),
+            Err(DomainError::NotLocked)
+        );
+        let locked = |until| UserEvent::Locked(events::domain::UserLocked { until });
+        let future = Utc::now() + chrono::Duration::minutes(5);
+        let past = Utc::now() - chrono::Duration::minutes(5);
+        assert!(given(&[registered(), locked(future)])(unlock()).is_ok());
+        assert_eq!(
+            given(&[registered(), locked(past)])(unlock()),
+            Err(DomainError::NotLocked)
+        );
+    }
+
+    #[test]
+    fn a_deactivated_user_cannot_change_their_password() {
+        let change = Command::ChangePassword {
+            password_hash: PasswordHash::new("$argon2id$new".into()),
+        };
+        assert_eq!(
+            given(&[registered(), deactivated()])(change),
+            Err(DomainError::Deactivated)
         );
     }
 }

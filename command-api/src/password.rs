@@ -184,6 +184,22 @@ fn yield_to_requests() {
     }
 }
 
+/// Whether `hash` was made under other parameters than today's (another
+/// algorithm, version, memory, iterations or lanes): a successful sign-in then
+/// hashes the password again (`PasswordRehashed`).
+pub fn needs_rehash(hash: &PasswordHash) -> bool {
+    let Ok(parsed) = argon2::PasswordHash::new(hash.expose()) else {
+        return true;
+    };
+    let current = params();
+    parsed.algorithm != Algorithm::Argon2id.ident()
+        || parsed.version != Some(Version::V0x13.into())
+        || Params::try_from(&parsed).map_or(true, |p| {
+            (p.m_cost(), p.t_cost(), p.p_cost())
+                != (current.m_cost(), current.t_cost(), current.p_cost())
+        })
+}
+
 fn verify_blocking(password: &SecretString, hash: &PasswordHash) -> Result<bool, HashError> {
     let parsed = argon2::PasswordHash::new(hash.expose()).map_err(HashError::Argon2)?;
     Ok(Argon2::default()
@@ -277,6 +293,27 @@ mod tests {
             .verify("wrong horse battery".into(), hash)
             .await
             .unwrap());
+    }
+
+    #[test]
+    fn hashes_under_older_parameters_need_a_rehash() {
+        let current = hash_blocking("a password of some length").unwrap();
+        assert!(!needs_rehash(&current));
+        let weaker = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            Params::new(8 * 1024, 1, 1, None).unwrap(),
+        );
+        let salt = SaltString::generate(&mut OsRng);
+        let old = argon2::password_hash::PasswordHasher::hash_password(
+            &weaker,
+            b"a password of some length",
+            &salt,
+        )
+        .unwrap()
+        .to_string();
+        assert!(needs_rehash(&PasswordHash::new(old)));
+        assert!(needs_rehash(&PasswordHash::new("not a phc string".into())));
     }
 
     #[tokio::test]

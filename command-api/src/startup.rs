@@ -15,7 +15,11 @@ use crate::http::rate_limit::RegistrationLimiter;
 use crate::http::{self, AppState};
 use crate::password::Hasher;
 use crate::relay::{Relay, RelayStatus};
+use crate::sessions::Sessions;
+use crate::signin::SignIn;
 use crate::store::EventStore;
+use crate::tokens::Keys;
+use secrecy::{ExposeSecret, SecretString};
 
 /// The shared migrations, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
@@ -27,6 +31,7 @@ pub struct Application {
     registration_limiter: RegistrationLimiter,
     lag_monitor: Option<(PgPool, String, RelayStatus)>,
     store: EventStore,
+    sessions: Sessions,
     tasks: Tasks,
     shutdown: Shutdown,
 }
@@ -100,14 +105,37 @@ impl Application {
         } else {
             None
         };
+        let (what, pem) = &settings.identity.signing_key;
+        let keys = Keys::new(
+            (what, pem.expose_secret()),
+            &settings.identity.previous_keys,
+            settings.identity.tokens.clone(),
+        )
+        .context("cannot load the token signing keys")?;
+        let sessions = Sessions::new(pool.clone(), settings.identity.tokens.refresh_ttl);
         let store = EventStore::new(pool);
+        let hasher = Hasher::new(settings.hash_concurrency, settings.hash_queue_capacity);
+        // Unknown users are checked against this, at the cost of a known one.
+        let decoy = hasher
+            .hash(SecretString::from(crate::tokens::new_refresh_token()))
+            .await
+            .context("cannot make the decoy password hash")?;
+        let sign_in = SignIn::new(
+            store.clone(),
+            hasher.clone(),
+            settings.identity.lockout,
+            decoy,
+        );
         let registration_limiter = RegistrationLimiter::new(settings.registration_limit);
         let (trigger, shutdown) = platform::shutdown::channel();
         let tasks = Tasks::new(trigger, shutdown.clone());
         let state = AppState {
             store: store.clone(),
-            hasher: Hasher::new(settings.hash_concurrency, settings.hash_queue_capacity),
+            hasher,
             admin_token: Arc::new(settings.admin_token.clone()),
+            keys: Arc::new(keys),
+            sessions: sessions.clone(),
+            sign_in,
             relay: status,
             idempotency_ttl: settings.idempotency_ttl,
             registration_limiter: registration_limiter.clone(),
@@ -123,6 +151,7 @@ impl Application {
             registration_limiter,
             lag_monitor,
             store,
+            sessions,
             tasks,
             shutdown,
         })
@@ -153,7 +182,7 @@ impl Application {
         );
         tasks.spawn(
             "idempotency_sweeper",
-            sweep_idempotency_keys(self.store, tasks.shutdown()),
+            sweep_idempotency_keys(self.store, self.sessions, tasks.shutdown()),
         );
         // Handlers first: a signal right after "listening" must not be lost.
         let signal = platform::shutdown::signal();
@@ -178,9 +207,14 @@ impl Application {
     }
 }
 
-/// Deletes expired idempotency keys now and then (lookups already ignore them;
-/// this only bounds the table). Every replica may sweep: the DELETE is idempotent.
-async fn sweep_idempotency_keys(store: EventStore, mut shutdown: platform::shutdown::Shutdown) {
+/// Deletes expired idempotency keys and sessions whose refresh tokens have all
+/// expired, now and then (lookups already ignore them; this only bounds the
+/// tables). Every replica may sweep: the DELETEs are idempotent.
+async fn sweep_idempotency_keys(
+    store: EventStore,
+    sessions: Sessions,
+    mut shutdown: platform::shutdown::Shutdown,
+) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(SWEEP_EVERY) => {}
@@ -192,6 +226,14 @@ async fn sweep_idempotency_keys(store: EventStore, mut shutdown: platform::shutd
             Err(error) => tracing::warn!(
                 error = %platform::telemetry::error_chain(&error),
                 "could not sweep idempotency keys"
+            ),
+        }
+        match sessions.sweep().await {
+            Ok(0) => {}
+            Ok(swept) => tracing::debug!(swept, "expired sessions deleted"),
+            Err(error) => tracing::warn!(
+                error = %platform::telemetry::error_chain(&error),
+                "could not sweep sessions"
             ),
         }
     }

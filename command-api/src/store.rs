@@ -5,11 +5,13 @@
 //! reservation table's unique keys make two registrations of one username or
 //! email collide, inside the transaction that appends the event.
 
-use events::domain::EventMetadata;
+use events::domain::{EventMetadata, RecordedEvent};
 use events::UserEvent;
 use sqlx::postgres::PgDatabaseError;
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
+
+use crate::sessions::Revoke;
 
 /// Where an append landed: the consistency token returned to clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +149,7 @@ impl EventStore {
 
     /// Appends `events` after `expected_version`; fails with
     /// [`AppendError::VersionConflict`] when someone else appended first.
+    /// Sessions are revoked as `revoke` says in the same transaction.
     #[tracing::instrument(name = "sql_append", skip(self, events, metadata, claim))]
     pub async fn append(
         &self,
@@ -155,6 +158,7 @@ impl EventStore {
         events: &[UserEvent],
         metadata: &EventMetadata,
         claim: Option<&IdempotencyClaim>,
+        revoke: Revoke,
     ) -> Result<Appended, AppendError> {
         let mut tx = self.pool.begin().await?;
         if let Some(claim) = claim {
@@ -162,6 +166,7 @@ impl EventStore {
         }
         let appended =
             insert_events(&mut tx, stream_id, expected_version, events, metadata).await?;
+        crate::sessions::revoke_in(&mut tx, stream_id, revoke).await?;
         if let Some(claim) = claim {
             record_answer(&mut tx, claim, appended).await?;
         }
@@ -188,6 +193,61 @@ impl EventStore {
             TakenRow { email: true, .. } => Taken::Email,
             _ => Taken::Neither,
         })
+    }
+
+    /// The user a sign-in names: by email when it has an `@` (usernames
+    /// cannot), by username otherwise; `identifier` is normalised.
+    #[tracing::instrument(name = "sql_find_user", skip_all)]
+    pub async fn find_user(&self, identifier: &str) -> Result<Option<Uuid>, sqlx::Error> {
+        let sql = if identifier.contains('@') {
+            "SELECT user_id FROM user_identities WHERE email = $1"
+        } else {
+            "SELECT user_id FROM user_identities WHERE username = $1"
+        };
+        sqlx::query_scalar(sql)
+            .bind(identifier)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    /// Up to `limit` events of a user after `after_version`, oldest first,
+    /// with their metadata: the history an administrator reads.
+    #[tracing::instrument(name = "sql_history_page", skip(self))]
+    pub async fn history(
+        &self,
+        stream_id: Uuid,
+        after_version: i32,
+        limit: i64,
+    ) -> Result<Vec<HistoryEntry>, LoadError> {
+        let rows: Vec<HistoryRow> = sqlx::query_as(
+            "SELECT global_position, stream_version, event_id, event_type, schema_version,                     payload, metadata, recorded_at              FROM events WHERE stream_id = $1 AND stream_version > $2              ORDER BY stream_version LIMIT $3",
+        )
+        .bind(stream_id)
+        .bind(after_version)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let event = UserEvent::decode(&row.event_type, row.schema_version, row.payload)
+                    .map_err(|source| LoadError::Decode {
+                        position: row.global_position,
+                        source,
+                    })?;
+                Ok(HistoryEntry {
+                    recorded: RecordedEvent {
+                        global_position: row.global_position,
+                        stream_id,
+                        stream_version: row.stream_version,
+                        event_id: row.event_id,
+                        recorded_at: row.recorded_at,
+                        event,
+                    },
+                    // Metadata this build cannot read shows as unknown, not as an error.
+                    metadata: serde_json::from_value(row.metadata).unwrap_or_default(),
+                })
+            })
+            .collect()
     }
 
     /// The live (unexpired) answer recorded under `key` in `scope`, if any.
@@ -233,6 +293,25 @@ struct StreamRow {
     event_type: String,
     schema_version: i16,
     payload: serde_json::Value,
+}
+
+/// One event of a user's history with who caused it.
+#[derive(Debug, Clone)]
+pub struct HistoryEntry {
+    pub recorded: RecordedEvent,
+    pub metadata: EventMetadata,
+}
+
+#[derive(sqlx::FromRow)]
+struct HistoryRow {
+    global_position: i64,
+    stream_version: i32,
+    event_id: Uuid,
+    event_type: String,
+    schema_version: i16,
+    payload: serde_json::Value,
+    metadata: serde_json::Value,
+    recorded_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// What [`EventStore::identity_taken`] found; the username is reported

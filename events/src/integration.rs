@@ -147,6 +147,14 @@ macro_rules! public_types {
                 }
             }
 
+            /// The body's `data`: the event's public data.
+            pub fn data(&self) -> serde_json::Value {
+                let data = match &self.change {
+                    $($pattern => serde_json::to_value($data),)+
+                };
+                data.expect("integration events serialise to JSON")
+            }
+
             /// The change from a `data` value, by `ce_type`.
             fn change_from_ce(
                 ce_type: &str,

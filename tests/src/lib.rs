@@ -19,6 +19,7 @@ use rdkafka::{ClientConfig, Message};
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
+pub mod identity;
 pub mod read_side;
 pub mod relay;
 
@@ -125,6 +126,9 @@ impl TestEnv {
             ("KAFKA_TOPIC", self.topic.clone()),
             ("KAFKA_GROUP_ID", self.group_id.clone()),
             ("ADMIN_TOKEN", TEST_ADMIN_TOKEN.to_owned()),
+            ("JWT_SIGNING_KEY", identity::TEST_SIGNING_KEY.to_owned()),
+            // Admin tokens are made once per command API and kept.
+            ("ACCESS_TOKEN_TTL_SECS", "3600".to_owned()),
             ("BIND_ADDR", "127.0.0.1:0".to_owned()),
             ("LOG_FORMAT", "json".to_owned()),
             ("RUST_LOG", "info".to_owned()),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::{eventually, Running, TestEnv, TEST_ADMIN_TOKEN};
+use crate::{eventually, Running, TestEnv};
 
 /// A redis-server of one test's own, on a free port, with its snapshot in a
 /// folder of its own (RDB only, so a restart comes back from the last SAVE).
@@ -165,9 +165,10 @@ pub async fn set_active(
     active: bool,
 ) -> Written {
     let action = if active { "reactivate" } else { "deactivate" };
+    let token = crate::identity::admin_token(http, command).await;
     let response = http
         .post(command.url(&format!("/users/{id}/{action}")))
-        .bearer_auth(TEST_ADMIN_TOKEN)
+        .bearer_auth(token)
         .json(&json!({}))
         .send()
         .await

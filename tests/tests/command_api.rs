@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use reqwest::header::HeaderMap;
 use serde_json::{json, Value};
+use userstream_tests::identity::{make_admin, Admin};
 use userstream_tests::{eventually, schema_errors, Running, Service, TestEnv, TEST_ADMIN_TOKEN};
 use uuid::Uuid;
 
@@ -46,6 +47,9 @@ struct Api {
     service: Running,
     http: reqwest::Client,
     spec: Value,
+    /// An administrator, made on first need (so tests that never need one
+    /// have exactly the users and events they make themselves).
+    admin: tokio::sync::OnceCell<Admin>,
     /// Held for the test's whole run: see [`MACHINE`].
     _machine: Machine,
 }
@@ -95,6 +99,7 @@ impl Api {
             service,
             http,
             spec,
+            admin: tokio::sync::OnceCell::new(),
             _machine: machine,
         }
     }
@@ -148,10 +153,17 @@ impl Api {
         answer.body["id"].as_str().unwrap().parse().unwrap()
     }
 
-    fn status_request(&self, id: &str, verb: &str) -> reqwest::RequestBuilder {
+    async fn admin(&self) -> &Admin {
+        self.admin
+            .get_or_init(|| make_admin(&self.http, &self.service))
+            .await
+    }
+
+    async fn status_request(&self, id: &str, verb: &str) -> reqwest::RequestBuilder {
+        let token = self.admin().await.token.clone();
         self.http
             .post(self.service.url(&format!("/users/{id}/{verb}")))
-            .bearer_auth(TEST_ADMIN_TOKEN)
+            .bearer_auth(token)
     }
 
     async fn status(&self, verb: &str, request: reqwest::RequestBuilder) -> Answer {
@@ -161,7 +173,7 @@ impl Api {
     async fn deactivate(&self, id: Uuid) -> Answer {
         self.status(
             "deactivate",
-            self.status_request(&id.to_string(), "deactivate"),
+            self.status_request(&id.to_string(), "deactivate").await,
         )
         .await
     }
@@ -169,13 +181,15 @@ impl Api {
     async fn reactivate(&self, id: Uuid) -> Answer {
         self.status(
             "reactivate",
-            self.status_request(&id.to_string(), "reactivate"),
+            self.status_request(&id.to_string(), "reactivate").await,
         )
         .await
     }
 
+    /// Events in the log, but the administrator's.
     async fn event_count(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM events")
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE stream_id IS DISTINCT FROM $1")
+            .bind(self.admin.get().map(|admin| admin.id))
             .fetch_one(&self.env.pool)
             .await
             .unwrap()
@@ -474,13 +488,17 @@ async fn deactivate_and_reactivate_follow_the_users_state() {
     let unknown = api.deactivate(Uuid::new_v4()).await;
     assert_eq!((unknown.status, unknown.code()), (404, "user_not_found"));
     let invalid = api
-        .status("deactivate", api.status_request("not-a-uuid", "deactivate"))
+        .status(
+            "deactivate",
+            api.status_request("not-a-uuid", "deactivate").await,
+        )
         .await;
     assert_eq!((invalid.status, invalid.code()), (400, "invalid_id"));
     let unknown_field = api
         .status(
             "deactivate",
             api.status_request(&id.to_string(), "deactivate")
+                .await
                 .json(&json!({ "reason": "x", "force": true })),
         )
         .await;
@@ -489,6 +507,7 @@ async fn deactivate_and_reactivate_follow_the_users_state() {
         .status(
             "deactivate",
             api.status_request(&id.to_string(), "deactivate")
+                .await
                 .json(&json!({ "reason": "r".repeat(501) })),
         )
         .await;
@@ -517,6 +536,7 @@ async fn if_match_makes_a_command_conditional_on_the_version() {
         .status(
             "deactivate",
             api.status_request(&id, "deactivate")
+                .await
                 .header("if-match", "\"7\""),
         )
         .await;
@@ -525,6 +545,7 @@ async fn if_match_makes_a_command_conditional_on_the_version() {
         .status(
             "deactivate",
             api.status_request(&id, "deactivate")
+                .await
                 .header("if-match", "seven"),
         )
         .await;
@@ -537,6 +558,7 @@ async fn if_match_makes_a_command_conditional_on_the_version() {
         .status(
             "deactivate",
             api.status_request(&id, "deactivate")
+                .await
                 .header("if-match", "W/\"1\""),
         )
         .await;
@@ -548,6 +570,7 @@ async fn if_match_makes_a_command_conditional_on_the_version() {
         .status(
             "deactivate",
             api.status_request(&id, "deactivate")
+                .await
                 .header("if-match", "\"9\", \"1\""),
         )
         .await;
@@ -648,13 +671,15 @@ async fn a_retry_with_the_same_idempotency_key_gets_the_first_answer_and_appends
 
     // Status commands too.
     let id = first.body["id"].as_str().unwrap();
-    let deactivate = || {
+    let deactivate = || async {
         api.status(
             "deactivate",
             api.status_request(id, "deactivate")
+                .await
                 .header("idempotency-key", "key-2")
                 .json(&json!({ "reason": "retry me" })),
         )
+        .await
     };
     let first_off = deactivate().await;
     let retried_off = deactivate().await;
@@ -668,6 +693,7 @@ async fn a_retry_with_the_same_idempotency_key_gets_the_first_answer_and_appends
         .status(
             "deactivate",
             api.status_request(id, "deactivate")
+                .await
                 .header("idempotency-key", "key-2")
                 .json(&json!({ "reason": "something else" })),
         )
@@ -845,7 +871,7 @@ async fn a_status_command_takes_no_body_an_empty_one_or_null() {
     let mut verbs = ["deactivate", "reactivate"].iter().cycle();
     for body in [None, Some(""), Some("null"), Some(" null ")] {
         let verb = verbs.next().unwrap();
-        let mut request = api.status_request(&id, verb);
+        let mut request = api.status_request(&id, verb).await;
         if let Some(body) = body {
             request = request
                 .header("content-type", "application/json")
@@ -868,6 +894,7 @@ async fn status_commands_refuse_oversized_and_non_json_bodies() {
         .status(
             "deactivate",
             api.status_request(&id, "deactivate")
+                .await
                 .header("content-type", "text/plain")
                 .body("reason=spam"),
         )
@@ -877,6 +904,7 @@ async fn status_commands_refuse_oversized_and_non_json_bodies() {
         .status(
             "reactivate",
             api.status_request(&id, "reactivate")
+                .await
                 .json(&json!({ "reason": "r".repeat(20_000) })),
         )
         .await;
@@ -885,6 +913,7 @@ async fn status_commands_refuse_oversized_and_non_json_bodies() {
         .status(
             "deactivate",
             api.status_request(&id, "deactivate")
+                .await
                 .header("content-type", "application/json")
                 .body("{"),
         )
@@ -1182,12 +1211,15 @@ async fn one_idempotency_key_never_replays_or_blocks_another_callers_or_routes_c
 
     // The admin uses the same key on two routes: each command runs.
     let id = first.body["id"].as_str().unwrap();
-    let on_route = |verb: &'static str| {
+    let api = &api;
+    let on_route = |verb: &'static str| async move {
         api.status(
             verb,
             api.status_request(id, verb)
+                .await
                 .header("idempotency-key", "shared"),
         )
+        .await
     };
     let off = on_route("deactivate").await;
     assert_eq!((off.status, off.body["version"].as_i64()), (200, Some(2)));

@@ -4,9 +4,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use userstream_tests::{
-    contract_violations, eventually, read_topic, Service, TestEnv, TEST_ADMIN_TOKEN,
-};
+use userstream_tests::{contract_violations, eventually, read_topic, Service, TestEnv};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -36,9 +34,10 @@ async fn a_registered_then_deactivated_user_reaches_the_query_api_and_the_topic(
     assert_eq!(registered["version"], 1);
     assert!(registered["position"].as_i64().unwrap() >= 1);
 
+    let token = userstream_tests::identity::admin_token(&http, &command).await;
     let deactivated = http
         .post(command.url(&format!("/users/{id}/deactivate")))
-        .bearer_auth(TEST_ADMIN_TOKEN)
+        .bearer_auth(token)
         .json(&json!({ "reason": "end-to-end test" }))
         .send()
         .await

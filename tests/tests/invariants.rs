@@ -92,8 +92,22 @@ async fn two_appends_at_the_same_version_conflict_and_one_wins() {
     let events = [deactivated()];
     let metadata = meta();
     let (a, b) = tokio::join!(
-        store.append(id, 1, &events, &metadata, None),
-        store.append(id, 1, &events, &metadata, None)
+        store.append(
+            id,
+            1,
+            &events,
+            &metadata,
+            None,
+            command_api::sessions::Revoke::Nothing
+        ),
+        store.append(
+            id,
+            1,
+            &events,
+            &metadata,
+            None,
+            command_api::sessions::Revoke::Nothing
+        )
     );
     let outcomes = [a, b];
     assert_eq!(outcomes.iter().filter(|r| r.is_ok()).count(), 1);
@@ -275,6 +289,8 @@ fn view(id: Uuid, version: i32, status: UserStatus) -> UserView {
         version,
         registered_at: Utc::now(),
         updated_at: Utc::now(),
+        roles: Vec::new(),
+        locked_until: None,
     }
 }
 

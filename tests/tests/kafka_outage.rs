@@ -71,10 +71,11 @@ async fn the_log_buffers_while_kafka_is_down_and_drains_in_order_when_it_returns
     let ids: BTreeSet<String> = answers.into_iter().collect();
     // A second event for some users, still during the outage.
     let deactivated: Vec<String> = ids.iter().take(20).cloned().collect();
+    let token = userstream_tests::identity::admin_token(&http, &command).await;
     for id in &deactivated {
         let response = http
             .post(command.url(&format!("/users/{id}/deactivate")))
-            .bearer_auth(userstream_tests::TEST_ADMIN_TOKEN)
+            .bearer_auth(&token)
             .send()
             .await
             .unwrap();

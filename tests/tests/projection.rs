@@ -58,7 +58,14 @@ async fn user(store: &EventStore, name: &str, changes: &[bool]) -> Uuid {
             UserEvent::Reactivated(UserReactivated { reason: None })
         };
         store
-            .append(id, i as i32 + 1, &[event], &metadata(), None)
+            .append(
+                id,
+                i as i32 + 1,
+                &[event],
+                &metadata(),
+                None,
+                command_api::sessions::Revoke::Nothing,
+            )
             .await
             .unwrap();
     }

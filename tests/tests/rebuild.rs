@@ -284,6 +284,7 @@ async fn reader(
 /// fourth command registers a new user (then read and toggled too).
 async fn writer(
     command_url: String,
+    admin_token: String,
     mut users: Vec<Uuid>,
     read_set: Arc<Mutex<Vec<Uuid>>>,
     stop: Arc<AtomicBool>,
@@ -326,7 +327,7 @@ async fn writer(
             };
             let response = http
                 .post(format!("{command_url}/users/{id}/{action}"))
-                .bearer_auth(userstream_tests::TEST_ADMIN_TOKEN)
+                .bearer_auth(&admin_token)
                 .json(&serde_json::json!({}))
                 .send()
                 .await
@@ -372,8 +373,10 @@ async fn rebuild_switches_generations_under_load_without_errors_or_steps_back() 
             Arc::clone(&seen),
         )));
     }
+    let admin = userstream_tests::identity::admin_token(&reqwest::Client::new(), &command).await;
     let writer = tokio::spawn(writer(
         command.url(""),
+        admin,
         users.clone(),
         Arc::clone(&read_set),
         Arc::clone(&stop),

@@ -19,6 +19,9 @@ pub enum ApiError {
     /// 400: the id in the path is not a UUID.
     #[error("the id is not a valid UUID")]
     InvalidId,
+    /// 400: the query string has unknown, repeated or out-of-range parameters.
+    #[error("invalid query: {0}")]
+    InvalidQuery(String),
     /// 400: a header the API reads has an unusable value.
     #[error("the {name} header is invalid: {reason}")]
     InvalidHeader {
@@ -26,11 +29,20 @@ pub enum ApiError {
         reason: &'static str,
     },
     /// 401: no bearer token.
-    #[error("this command needs an admin bearer token")]
+    #[error("this request needs a bearer access token")]
     Unauthenticated,
-    /// 403: a bearer token that is not the admin token.
-    #[error("the bearer token is not allowed to do this")]
+    /// 401: a bearer token that is not a valid, unexpired access token.
+    #[error("the access token is invalid or expired")]
+    InvalidToken,
+    /// 403: a valid token without the scope (or user) this request needs.
+    #[error("the access token does not allow this")]
     Forbidden,
+    /// 403: the current password given is wrong (a failed check, counted).
+    #[error("the current password is wrong")]
+    WrongPassword,
+    /// 403: too many failed password checks; no password is checked until `until`.
+    #[error("the account is locked after too many failed password checks")]
+    AccountLocked,
     /// 404: no such user.
     #[error("no user with this id")]
     UserNotFound,
@@ -81,11 +93,12 @@ pub enum ApiError {
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::MalformedJson(_) | Self::InvalidId | Self::InvalidHeader { .. } => {
-                StatusCode::BAD_REQUEST
-            }
-            Self::Unauthenticated => StatusCode::UNAUTHORIZED,
-            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::MalformedJson(_)
+            | Self::InvalidId
+            | Self::InvalidQuery(_)
+            | Self::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthenticated | Self::InvalidToken => StatusCode::UNAUTHORIZED,
+            Self::Forbidden | Self::WrongPassword | Self::AccountLocked => StatusCode::FORBIDDEN,
             Self::UserNotFound => StatusCode::NOT_FOUND,
             Self::UsernameTaken
             | Self::EmailTaken
@@ -105,14 +118,22 @@ impl ApiError {
         match self {
             Self::MalformedJson(_) => "malformed_json",
             Self::InvalidId => "invalid_id",
+            Self::InvalidQuery(_) => "invalid_query",
             Self::InvalidHeader { .. } => "invalid_header",
             Self::Unauthenticated => "unauthenticated",
+            Self::InvalidToken => "invalid_token",
             Self::Forbidden => "forbidden",
+            Self::WrongPassword => "wrong_password",
+            Self::AccountLocked => "account_locked",
             Self::UserNotFound => "user_not_found",
             Self::UsernameTaken => "username_taken",
             Self::EmailTaken => "email_taken",
             Self::StateConflict(DomainError::AlreadyDeactivated) => "already_deactivated",
             Self::StateConflict(DomainError::AlreadyActive) => "already_active",
+            Self::StateConflict(DomainError::NotLocked) => "not_locked",
+            Self::StateConflict(DomainError::Deactivated) => "user_deactivated",
+            Self::StateConflict(DomainError::RoleAlreadyGranted) => "role_already_granted",
+            Self::StateConflict(DomainError::RoleNotGranted) => "role_not_granted",
             Self::StateConflict(_) => "conflict",
             Self::ConcurrentModification => "concurrent_modification",
             Self::PreconditionFailed { .. } => "precondition_failed",
@@ -139,6 +160,18 @@ impl From<HashError> for ApiError {
                 retry_after_secs: OVERLOADED_RETRY_AFTER_SECS,
             },
             other => Self::Internal(other.into()),
+        }
+    }
+}
+
+impl From<crate::signin::CheckError> for ApiError {
+    fn from(e: crate::signin::CheckError) -> Self {
+        use crate::signin::CheckError;
+        match e {
+            CheckError::Hash(e) => e.into(),
+            CheckError::Load(e) => e.into(),
+            CheckError::Append(e) => e.into(),
+            CheckError::Contended => Self::ConcurrentModification,
         }
     }
 }
@@ -230,10 +263,23 @@ impl IntoResponse for ApiError {
         };
         let mut response = error_response(status, self.code(), self.to_string(), fields);
         match &self {
+            // RFC 6750, section 3.
             Self::Unauthenticated => {
                 response
                     .headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Self::InvalidToken => {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(r#"Bearer error="invalid_token""#),
+                );
+            }
+            Self::Forbidden => {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(r#"Bearer error="insufficient_scope""#),
+                );
             }
             Self::RateLimited { retry_after_secs } | Self::Overloaded { retry_after_secs } => {
                 response

@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use sha2::{Digest, Sha256};
 
+use super::commands::Accepted;
 use super::error::ApiError;
-use super::users::Accepted;
 use crate::store::{EventStore, IdempotencyClaim, StoredAnswer};
 
 pub const HEADER: &str = "idempotency-key";

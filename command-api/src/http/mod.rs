@@ -1,12 +1,17 @@
 //! The command API's HTTP surface.
 
 pub mod auth;
+pub mod commands;
 pub mod error;
+pub mod history;
 pub mod idempotency;
 pub mod json;
+pub mod oauth;
 pub mod openapi;
 pub mod ops;
+pub mod password;
 pub mod rate_limit;
+pub mod roles;
 pub mod users;
 
 use std::sync::Arc;
@@ -19,14 +24,22 @@ use secrecy::SecretString;
 
 use crate::password::Hasher;
 use crate::relay::RelayStatus;
+use crate::sessions::Sessions;
+use crate::signin::SignIn;
 use crate::store::EventStore;
+use crate::tokens::Keys;
 
 /// Everything a handler needs; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
     pub store: EventStore,
     pub hasher: Hasher,
+    /// The bootstrap token: grants roles, nothing else.
     pub admin_token: Arc<SecretString>,
+    /// Signing and verification keys of access tokens.
+    pub keys: Arc<Keys>,
+    pub sessions: Sessions,
+    pub sign_in: SignIn,
     pub relay: RelayStatus,
     pub idempotency_ttl: Duration,
     pub registration_limiter: rate_limit::RegistrationLimiter,
@@ -37,6 +50,10 @@ pub struct AppState {
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let routes = Router::new()
         .merge(users::router())
+        .merge(oauth::router())
+        .merge(password::router())
+        .merge(roles::router())
+        .merge(history::router())
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

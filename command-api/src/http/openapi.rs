@@ -7,27 +7,54 @@ use platform::http::{ErrorBody, ErrorDetail};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::users::{Accepted, RegisterRequest, StatusRequest};
+use super::commands::Accepted;
+use super::users::{RegisterRequest, StatusRequest};
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "userstream command API",
-        description = "Write side of userstream: register, deactivate and reactivate users. \
-Every error answers `{\"error\":{\"code\",\"message\",\"fields\"}}`.",
+        description = "Write side of userstream: register users, sign them in (OAuth 2.0), \
+change passwords, status, locks and roles, and read a user's history. Errors answer \
+`{\"error\":{\"code\",\"message\",\"fields\"}}`, except on the OAuth endpoints, which answer \
+RFC 6749's `{\"error\",\"error_description\"}`.",
     ),
     paths(
         super::users::register,
         super::users::deactivate,
         super::users::reactivate,
+        super::users::unlock,
+        super::password::change,
+        super::roles::grant,
+        super::roles::revoke,
+        super::history::history,
+        super::oauth::token,
+        super::oauth::revoke,
+        super::oauth::jwks,
         super::ops::healthz,
         super::ops::readyz,
         super::ops::metrics,
         serve,
     ),
-    components(schemas(RegisterRequest, StatusRequest, Accepted, ErrorBody, ErrorDetail)),
+    components(schemas(
+        RegisterRequest,
+        StatusRequest,
+        Accepted,
+        ErrorBody,
+        ErrorDetail,
+        super::password::ChangePasswordRequest,
+        super::roles::GrantRequest,
+        super::history::HistoryPage,
+        super::history::HistoryEvent,
+        super::oauth::TokenRequest,
+        super::oauth::TokenResponse,
+        super::oauth::OAuthErrorBody,
+        super::oauth::RevokeRequest,
+    )),
     modifiers(&AdminToken),
-    tags((name = "users", description = "User commands"), (name = "operations", description = "Health, readiness, metrics")),
+    tags((name = "users", description = "User commands"),
+        (name = "roles", description = "Roles, which become scopes"),
+        (name = "oauth", description = "OAuth 2.0 tokens and their keys"), (name = "operations", description = "Health, readiness, metrics")),
 )]
 pub struct ApiDoc;
 
@@ -41,7 +68,22 @@ impl Modify for AdminToken {
                 SecurityScheme::Http(
                     HttpBuilder::new()
                         .scheme(HttpAuthScheme::Bearer)
-                        .description(Some("The ADMIN_TOKEN the service was started with"))
+                        .description(Some(
+                            "The ADMIN_TOKEN the service was started with: only grants roles",
+                        ))
+                        .build(),
+                ),
+            );
+            components.add_security_scheme(
+                "access_token",
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .bearer_format("JWT")
+                        .description(Some(
+                            "An access token from POST /oauth/token (RFC 9068 JWT, EdDSA); \
+                             its `scope` claim lists `user` and one scope per role",
+                        ))
                         .build(),
                 ),
             );

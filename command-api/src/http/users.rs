@@ -5,35 +5,34 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::post;
 use axum::Router;
-use events::domain::EventMetadata;
+use chrono::Utc;
 use events::UserEvent;
 use platform::http::ErrorBody;
 use secrecy::SecretString;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use uuid::Uuid;
 
 use super::auth::Admin;
+use super::commands::{lookup, metadata, run_command, Accepted, CommandRequest};
 use super::error::ApiError;
 use super::idempotency::{self, Caller, Idempotent};
 use super::json::{JsonBody, OptionalJsonBody};
 use super::rate_limit::WithinRateLimit;
 use super::AppState;
 use crate::domain::{decide, Command, User};
+use crate::sessions::Revoke;
 use crate::store::{AppendError, StoredAnswer, Taken};
 use crate::validation::{self, FieldErrors};
 
 /// The registration route, as idempotency scopes and fingerprints name it.
 const REGISTER_ROUTE: &str = "POST /users";
 
-/// How often a status command re-reads the stream and decides again after
-/// losing an append race, before answering 409 `concurrent_modification`.
-const MAX_ATTEMPTS: usize = 3;
-
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/users", post(register))
         .route("/users/{id}/deactivate", post(deactivate))
         .route("/users/{id}/reactivate", post(reactivate))
+        .route("/users/{id}/unlock", post(unlock))
 }
 
 /// `POST /users`.
@@ -73,36 +72,6 @@ pub struct StatusRequest {
     #[serde(default)]
     #[schema(max_length = 500)]
     pub reason: Option<String>,
-}
-
-/// The answer to every accepted command: the consistency token for reads.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct Accepted {
-    /// The user id.
-    pub id: Uuid,
-    /// The user's stream version after this command.
-    pub version: i32,
-    /// The global log position of the command's last event.
-    pub position: i64,
-}
-
-fn header(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-}
-
-/// Correlation and causation are the request id (set by the HTTP envelope
-/// from `X-Request-Id`, or generated): an HTTP command is caused by its request.
-fn metadata(headers: &HeaderMap, actor: &str, key: Option<&str>) -> EventMetadata {
-    let request_id = header(headers, platform::http::REQUEST_ID.as_str());
-    EventMetadata {
-        correlation_id: request_id.clone(),
-        causation_id: request_id,
-        actor: actor.to_owned(),
-        idempotency_key: key.map(str::to_owned),
-    }
 }
 
 /// Registers a user: appends UserRegistered.
@@ -182,6 +151,7 @@ pub(crate) async fn register(
             email: email.clone(),
             password_hash,
         },
+        Utc::now(),
     )?;
     let claim = idempotent
         .as_ref()
@@ -217,17 +187,6 @@ pub(crate) async fn register(
 /// The actor recorded for commands sent without credentials.
 const ANONYMOUS: &str = "anonymous";
 
-/// The live answer under the request's key, if it sent one.
-async fn lookup(
-    state: &AppState,
-    idempotent: Option<&Idempotent>,
-) -> Result<Option<StoredAnswer>, ApiError> {
-    match idempotent {
-        Some(idempotent) => idempotent.lookup(&state.store).await,
-        None => Ok(None),
-    }
-}
-
 /// Replays a registration only for the same password: the first request's
 /// hash is in the log, so the check costs one argon2 verification.
 async fn replay_registration(
@@ -250,7 +209,7 @@ async fn replay_registration(
     }
 }
 
-/// Deactivates a user: appends UserDeactivated. Requires the admin token.
+/// Deactivates a user: appends UserDeactivated. Requires an administrator's access token (scope `admin`).
 #[utoipa::path(post, path = "/users/{id}/deactivate", tag = "users",
     request_body(content = Option<StatusRequest>, content_type = "application/json", description = "Optional; may be left out or `null`"),
     params(
@@ -259,12 +218,12 @@ async fn replay_registration(
         ("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Retries with the same key and body get the first answer; keys are scoped by caller and route; 1–255 visible ASCII characters", pattern = "^[!-~]{1,255}$"),
         ("X-Request-Id" = Option<String>, Header, nullable = false, description = "Correlation id recorded with the events: 1–128 characters of `[A-Za-z0-9._:-]`, otherwise replaced by a generated one; echoed back"),
     ),
-    security(("admin_token" = [])),
+    security(("access_token" = ["admin"])),
     responses(
         (status = 200, description = "UserDeactivated appended", body = Accepted, headers(("ETag" = String, description = "The quoted version"))),
         (status = 400, description = "Invalid id (`invalid_id`), malformed JSON (`malformed_json`) or an invalid header (`invalid_header`)", body = ErrorBody),
-        (status = 401, description = "No bearer token (`unauthenticated`)", body = ErrorBody),
-        (status = 403, description = "Not the admin token (`forbidden`)", body = ErrorBody),
+        (status = 401, description = "No bearer token (`unauthenticated`), or not a valid access token (`invalid_token`)", body = ErrorBody),
+        (status = 403, description = "The token's user is not an active administrator (`forbidden`)", body = ErrorBody),
         (status = 404, description = "No such user (`user_not_found`)", body = ErrorBody),
         (status = 409, description = "`already_deactivated` or `concurrent_modification`", body = ErrorBody),
         (status = 412, description = "If-Match names no tag of the user's current version (`precondition_failed`)", body = ErrorBody),
@@ -277,15 +236,15 @@ async fn replay_registration(
 #[tracing::instrument(name = "deactivate_user", skip_all, fields(user_id = %id))]
 pub(crate) async fn deactivate(
     State(state): State<AppState>,
-    _admin: Admin,
+    admin: Admin,
     Path(id): Path<String>,
     headers: HeaderMap,
     OptionalJsonBody(body): OptionalJsonBody<StatusRequest>,
 ) -> Result<Response, ApiError> {
-    status_command(&state, &id, &headers, body, Toggle::Deactivate).await
+    status_command(&state, &admin, &id, &headers, body, Toggle::Deactivate).await
 }
 
-/// Reactivates a user: appends UserReactivated. Requires the admin token.
+/// Reactivates a user: appends UserReactivated. Requires an administrator's access token (scope `admin`).
 #[utoipa::path(post, path = "/users/{id}/reactivate", tag = "users",
     request_body(content = Option<StatusRequest>, content_type = "application/json", description = "Optional; may be left out or `null`"),
     params(
@@ -294,12 +253,12 @@ pub(crate) async fn deactivate(
         ("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Retries with the same key and body get the first answer; keys are scoped by caller and route; 1–255 visible ASCII characters", pattern = "^[!-~]{1,255}$"),
         ("X-Request-Id" = Option<String>, Header, nullable = false, description = "Correlation id recorded with the events: 1–128 characters of `[A-Za-z0-9._:-]`, otherwise replaced by a generated one; echoed back"),
     ),
-    security(("admin_token" = [])),
+    security(("access_token" = ["admin"])),
     responses(
         (status = 200, description = "UserReactivated appended", body = Accepted, headers(("ETag" = String, description = "The quoted version"))),
         (status = 400, description = "Invalid id (`invalid_id`), malformed JSON (`malformed_json`) or an invalid header (`invalid_header`)", body = ErrorBody),
-        (status = 401, description = "No bearer token (`unauthenticated`)", body = ErrorBody),
-        (status = 403, description = "Not the admin token (`forbidden`)", body = ErrorBody),
+        (status = 401, description = "No bearer token (`unauthenticated`), or not a valid access token (`invalid_token`)", body = ErrorBody),
+        (status = 403, description = "The token's user is not an active administrator (`forbidden`)", body = ErrorBody),
         (status = 404, description = "No such user (`user_not_found`)", body = ErrorBody),
         (status = 409, description = "`already_active` or `concurrent_modification`", body = ErrorBody),
         (status = 412, description = "If-Match names no tag of the user's current version (`precondition_failed`)", body = ErrorBody),
@@ -312,19 +271,55 @@ pub(crate) async fn deactivate(
 #[tracing::instrument(name = "reactivate_user", skip_all, fields(user_id = %id))]
 pub(crate) async fn reactivate(
     State(state): State<AppState>,
-    _admin: Admin,
+    admin: Admin,
     Path(id): Path<String>,
     headers: HeaderMap,
     OptionalJsonBody(body): OptionalJsonBody<StatusRequest>,
 ) -> Result<Response, ApiError> {
-    status_command(&state, &id, &headers, body, Toggle::Reactivate).await
+    status_command(&state, &admin, &id, &headers, body, Toggle::Reactivate).await
 }
 
-/// The two status commands, which differ only in the command they send.
+/// Lifts a lock from failed password checks before it runs out: appends UserUnlocked. Requires an administrator's access token (scope `admin`).
+#[utoipa::path(post, path = "/users/{id}/unlock", tag = "users",
+    request_body(content = Option<StatusRequest>, content_type = "application/json", description = "Optional; may be left out or `null`"),
+    params(
+        ("id" = Uuid, Path, description = "The user id"),
+        ("If-Match" = Option<String>, Header, nullable = false, example = "\"1\"", description = "RFC 9110: `*` makes the command conditional on the user existing; entity tags (such as `\"3\"`, the `ETag` of version 3) on the user's current version being one of them, otherwise 412. Weak tags and values naming no version match nothing"),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Retries with the same key and body get the first answer; keys are scoped by caller and route; 1–255 visible ASCII characters", pattern = "^[!-~]{1,255}$"),
+        ("X-Request-Id" = Option<String>, Header, nullable = false, description = "Correlation id recorded with the events: 1–128 characters of `[A-Za-z0-9._:-]`, otherwise replaced by a generated one; echoed back"),
+    ),
+    security(("access_token" = ["admin"])),
+    responses(
+        (status = 200, description = "UserUnlocked appended", body = Accepted, headers(("ETag" = String, description = "The quoted version"))),
+        (status = 400, description = "Invalid id (`invalid_id`), malformed JSON (`malformed_json`) or an invalid header (`invalid_header`)", body = ErrorBody),
+        (status = 401, description = "No bearer token (`unauthenticated`), or not a valid access token (`invalid_token`)", body = ErrorBody),
+        (status = 403, description = "The token's user is not an active administrator (`forbidden`)", body = ErrorBody),
+        (status = 404, description = "No such user (`user_not_found`)", body = ErrorBody),
+        (status = 409, description = "`not_locked` (no lock in force) or `concurrent_modification`", body = ErrorBody),
+        (status = 412, description = "If-Match names no tag of the user's current version (`precondition_failed`)", body = ErrorBody),
+        (status = 413, description = "Body over 16 KiB (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "Body not sent as application/json (`unsupported_media_type`)", body = ErrorBody),
+        (status = 422, description = "Invalid or unknown fields (`validation_failed`) or a reused Idempotency-Key (`idempotency_key_reused`)", body = ErrorBody),
+        (status = 500, description = "An unexpected failure (`internal`); details are logged, not returned", body = ErrorBody),
+        (status = 503, description = "PostgreSQL unavailable or the request timed out (`unavailable`, `timeout`)", body = ErrorBody),
+    ))]
+#[tracing::instrument(name = "unlock_user", skip_all, fields(user_id = %id))]
+pub(crate) async fn unlock(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    OptionalJsonBody(body): OptionalJsonBody<StatusRequest>,
+) -> Result<Response, ApiError> {
+    status_command(&state, &admin, &id, &headers, body, Toggle::Unlock).await
+}
+
+/// The status commands, which differ only in the command they send.
 #[derive(Clone, Copy)]
 enum Toggle {
     Deactivate,
     Reactivate,
+    Unlock,
 }
 
 impl Toggle {
@@ -332,6 +327,7 @@ impl Toggle {
         match self {
             Self::Deactivate => "POST /users/{id}/deactivate",
             Self::Reactivate => "POST /users/{id}/reactivate",
+            Self::Unlock => "POST /users/{id}/unlock",
         }
     }
 
@@ -339,24 +335,46 @@ impl Toggle {
         match self {
             Self::Deactivate => Command::Deactivate { reason },
             Self::Reactivate => Command::Reactivate { reason },
+            Self::Unlock => Command::Unlock { reason },
+        }
+    }
+
+    /// Deactivation ends every session of the user at once: a deactivated
+    /// user can neither sign in nor refresh.
+    fn revoke(self) -> Revoke {
+        match self {
+            Self::Deactivate => Revoke::All {
+                because: "user deactivated",
+            },
+            Self::Reactivate | Self::Unlock => Revoke::Nothing,
         }
     }
 }
 
 async fn status_command(
     state: &AppState,
+    admin: &Admin,
     id: &str,
     headers: &HeaderMap,
     body: Option<StatusRequest>,
     toggle: Toggle,
 ) -> Result<Response, ApiError> {
+    let id = platform::http::parse_uuid(id).ok_or(ApiError::InvalidId)?;
     let reason = parse_reason(body)?;
-    let fingerprint =
-        idempotency::fingerprint(&[toggle.route(), id, reason.as_deref().unwrap_or("")]);
-    change_status(state, id, headers, toggle.route(), fingerprint, || {
-        toggle.command(reason.clone())
-    })
-    .await
+    let fingerprint = idempotency::fingerprint(&[
+        toggle.route(),
+        &id.to_string(),
+        reason.as_deref().unwrap_or(""),
+    ]);
+    let request = CommandRequest {
+        id,
+        headers,
+        route: toggle.route(),
+        fingerprint,
+        actor: &admin.actor(),
+        revoke: toggle.revoke(),
+    };
+    run_command(state, request, || toggle.command(reason.clone())).await
 }
 
 fn parse_reason(body: Option<StatusRequest>) -> Result<Option<String>, ApiError> {
@@ -366,117 +384,4 @@ fn parse_reason(body: Option<StatusRequest>) -> Result<Option<String>, ApiError>
         message: "some fields are invalid".into(),
         fields: errors.0,
     })
-}
-
-/// `If-Match` (RFC 9110, 13.1.1): `*` (the user must exist) or a list of
-/// entity tags, of which one must be the user's current ETag `"<version>"`
-/// (strong comparison: weak tags never match). A value naming no version
-/// matches nothing, so the command answers 412 rather than run unconditionally.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum IfMatch {
-    Any,
-    Versions(Vec<i32>),
-}
-
-impl IfMatch {
-    fn admits(&self, version: i32) -> bool {
-        match self {
-            Self::Any => true,
-            Self::Versions(versions) => versions.contains(&version),
-        }
-    }
-}
-
-fn if_match(headers: &HeaderMap) -> Option<IfMatch> {
-    let raw = headers.get(axum::http::header::IF_MATCH)?.as_bytes();
-    if raw.trim_ascii() == b"*" {
-        return Some(IfMatch::Any);
-    }
-    let versions = raw
-        .split(|b| *b == b',')
-        .filter_map(|tag| {
-            let digits = tag.trim_ascii().strip_prefix(b"\"")?.strip_suffix(b"\"")?;
-            let plain =
-                !digits.is_empty() && digits[0] != b'0' && digits.iter().all(u8::is_ascii_digit);
-            plain
-                .then(|| std::str::from_utf8(digits).ok()?.parse().ok())
-                .flatten()
-        })
-        .collect();
-    Some(IfMatch::Versions(versions))
-}
-
-/// Load, check the precondition, decide, append. Without `If-Match`, a lost
-/// race is decided again on the fresh stream; with it, a lost race is a 412.
-async fn change_status(
-    state: &AppState,
-    id: &str,
-    headers: &HeaderMap,
-    route: &str,
-    fingerprint: String,
-    command: impl Fn() -> Command,
-) -> Result<Response, ApiError> {
-    let id = platform::http::parse_uuid(id).ok_or(ApiError::InvalidId)?;
-    let precondition = if_match(headers);
-    let idempotent = Idempotent::new(
-        idempotency::key(headers)?,
-        Caller::Principal(Admin::PRINCIPAL),
-        route,
-        fingerprint,
-    );
-    if let Some(answer) = lookup(state, idempotent.as_ref()).await? {
-        return Ok(idempotency::replay(&answer));
-    }
-    let metadata = metadata(
-        headers,
-        Admin::PRINCIPAL,
-        idempotent.as_ref().map(Idempotent::key),
-    );
-    let claim = idempotent
-        .as_ref()
-        .map(|i| i.claim(StatusCode::OK, state.idempotency_ttl));
-    for _ in 0..MAX_ATTEMPTS {
-        let history = state.store.load(id).await?;
-        let user = User::from_events(&history);
-        if let Some(wanted) = &precondition {
-            if user.version != 0 && !wanted.admits(user.version) {
-                return Err(ApiError::PreconditionFailed {
-                    current: user.version,
-                });
-            }
-        }
-        let events = decide(&user, command())?;
-        match state
-            .store
-            .append(id, user.version, &events, &metadata, claim.as_ref())
-            .await
-        {
-            Ok(appended) => {
-                tracing::info!(version = appended.version, "user status changed");
-                let accepted = Accepted {
-                    id,
-                    version: appended.version,
-                    position: appended.position,
-                };
-                return Ok(accepted.respond(StatusCode::OK));
-            }
-            Err(AppendError::VersionConflict)
-                if matches!(precondition, Some(IfMatch::Versions(_))) =>
-            {
-                let current = User::from_events(&state.store.load(id).await?).version;
-                return Err(ApiError::PreconditionFailed { current });
-            }
-            Err(AppendError::VersionConflict) => {
-                tracing::debug!("lost an append race; deciding again on fresh state");
-            }
-            Err(AppendError::IdempotencyKeyTaken) => {
-                return match lookup(state, idempotent.as_ref()).await? {
-                    Some(answer) => Ok(idempotency::replay(&answer)),
-                    None => Err(ApiError::ConcurrentModification),
-                };
-            }
-            Err(other) => return Err(other.into()),
-        }
-    }
-    Err(ApiError::ConcurrentModification)
 }
