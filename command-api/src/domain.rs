@@ -60,6 +60,9 @@ impl User {
         let status = match event {
             UserEvent::Registered(_) | UserEvent::Reactivated(_) => Status::Active,
             UserEvent::Deactivated(_) => Status::Deactivated,
+            // Identity events (checks, locks, passwords, roles) leave the
+            // status as it is; their commands are not decided here yet.
+            _ => self.status,
         };
         Self {
             version: self.version + 1,
