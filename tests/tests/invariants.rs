@@ -275,6 +275,8 @@ fn view(id: Uuid, version: i32, status: UserStatus) -> UserView {
         version,
         registered_at: Utc::now(),
         updated_at: Utc::now(),
+        roles: Vec::new(),
+        locked_until: None,
     }
 }
 

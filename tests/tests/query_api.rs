@@ -63,6 +63,8 @@ async fn stored_view(env: &TestEnv) -> UserView {
         version: 1,
         registered_at: Utc::now(),
         updated_at: Utc::now(),
+        roles: Vec::new(),
+        locked_until: None,
     };
     assert!(ViewRows::new(env.pool.clone())
         .store_next(&view)
@@ -222,6 +224,8 @@ fn view(name: &str, status: UserStatus, version: i32) -> UserView {
         version,
         registered_at: Utc::now(),
         updated_at: Utc::now(),
+        roles: Vec::new(),
+        locked_until: None,
     }
 }
 
