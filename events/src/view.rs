@@ -5,7 +5,7 @@
 //! least once), and report a gap when versions are missing, so the caller can
 //! surface it instead of papering over it.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -116,7 +116,11 @@ pub fn project(current: Option<&UserView>, event: &IntegrationEvent) -> Projecti
                 PublicChange::Registered { .. } => return invalid,
                 PublicChange::Deactivated { .. } => next.status = UserStatus::Deactivated,
                 PublicChange::Reactivated { .. } => next.status = UserStatus::Active,
-                PublicChange::Locked { until } => next.locked_until = Some(*until),
+                // At the read model's precision (PostgreSQL keeps
+                // microseconds): the view a row, a COPY and a Redis body
+                // hold must be one and the same, and `until` comes from a
+                // payload, which may carry nanoseconds.
+                PublicChange::Locked { until } => next.locked_until = Some(until.trunc_subsecs(6)),
                 PublicChange::Unlocked { .. } => next.locked_until = None,
                 PublicChange::RoleGranted { role } => {
                     if let Err(at) = next.roles.binary_search(role) {
@@ -241,6 +245,18 @@ mod tests {
         }
         assert_eq!(view.roles, ["admin"]);
         assert_eq!((view.locked_until, view.status), (None, UserStatus::Active));
+    }
+
+    #[test]
+    fn a_lock_is_kept_to_the_microsecond_as_the_read_model_stores_it() {
+        let v1 = applied(project(None, &registered()));
+        let until: DateTime<Utc> = "2030-01-01T00:00:00.123456789Z".parse().unwrap();
+        let locked = applied(project(
+            Some(&v1),
+            &event(2, PublicChange::Locked { until }),
+        ));
+        let stored: DateTime<Utc> = "2030-01-01T00:00:00.123456Z".parse().unwrap();
+        assert_eq!(locked.locked_until, Some(stored));
     }
 
     #[test]

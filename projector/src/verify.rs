@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use anyhow::Context;
+use chrono::{DateTime, Utc};
 use events::UserView;
 use read_model::rows::{ViewRow, COLUMNS};
 use read_model::{state, CacheSettings, Namespace};
@@ -244,6 +245,18 @@ pub(crate) fn field_differences(expected: &UserView, found: &UserView) -> Vec<St
         "updated_at",
         found.updated_at.to_rfc3339(),
         expected.updated_at.to_rfc3339(),
+    );
+    field(
+        "roles",
+        format!("{:?}", found.roles),
+        format!("{:?}", expected.roles),
+    );
+    let instant =
+        |t: Option<DateTime<Utc>>| t.map_or_else(|| "null".to_owned(), |t| t.to_rfc3339());
+    field(
+        "locked_until",
+        instant(found.locked_until),
+        instant(expected.locked_until),
     );
     if found.id != expected.id {
         out.push(format!("id {} (log: {})", found.id, expected.id));

@@ -347,6 +347,14 @@ pub(crate) struct UserDocument {
     version: i32,
     registered_at: chrono::DateTime<chrono::Utc>,
     updated_at: chrono::DateTime<chrono::Utc>,
+    /// The roles granted and not revoked, sorted, each once.
+    roles: Vec<String>,
+    /// Set while a lockout from failed password checks may be in force: no
+    /// password is checked before this time unless an administrator unlocks.
+    /// Whether it is still in force is for the reader to compare with its
+    /// clock; null when no lock was imposed or it was lifted.
+    #[schema(required = true)]
+    locked_until: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 #[derive(utoipa::ToSchema)]
@@ -454,6 +462,8 @@ mod tests {
             version: 2,
             registered_at: chrono::Utc::now(),
             updated_at: chrono::Utc::now(),
+            roles: vec!["admin".into()],
+            locked_until: None,
         };
         let served = serde_json::to_value(&view).unwrap();
         let mut documented: Vec<&str> = schemas["UserView"]["properties"]
@@ -473,5 +483,13 @@ mod tests {
         assert_eq!(documented, fields);
         let required = schemas["UserView"]["required"].as_array().unwrap().len();
         assert_eq!(required, fields.len());
+        let properties = &schemas["UserView"]["properties"];
+        assert_eq!(properties["roles"]["type"], "array");
+        assert_eq!(properties["roles"]["items"]["type"], "string");
+        assert_eq!(
+            properties["locked_until"]["type"],
+            serde_json::json!(["string", "null"])
+        );
+        assert_eq!(properties["locked_until"]["format"], "date-time");
     }
 }

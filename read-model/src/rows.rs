@@ -5,8 +5,9 @@ use events::{UserStatus, UserView};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-/// The table's columns, in one place for every SELECT.
-pub const COLUMNS: &str = "id, username, email, status, version, registered_at, updated_at";
+/// The table's columns, in one place for every SELECT, INSERT and COPY.
+pub const COLUMNS: &str =
+    "id, username, email, status, version, registered_at, updated_at, roles, locked_until";
 
 /// One row of `user_views`, as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -18,6 +19,8 @@ pub struct ViewRow {
     pub version: i32,
     pub registered_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    pub roles: Vec<String>,
+    pub locked_until: Option<DateTime<Utc>>,
 }
 
 impl TryFrom<ViewRow> for UserView {
@@ -35,6 +38,8 @@ impl TryFrom<ViewRow> for UserView {
             version: row.version,
             registered_at: row.registered_at,
             updated_at: row.updated_at,
+            roles: row.roles,
+            locked_until: row.locked_until,
         })
     }
 }
@@ -73,15 +78,12 @@ impl ViewRows {
     /// first. Used by tests that seed a view without the projector.
     #[tracing::instrument(name = "sql_store_next_view", skip_all, fields(id = %view.id, version = view.version))]
     pub async fn store_next(&self, view: &UserView) -> Result<bool, sqlx::Error> {
-        let result = sqlx::query(
-            "INSERT INTO user_views (id, username, email, status, version, registered_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) \
-             ON CONFLICT (id) DO UPDATE SET \
-               username = EXCLUDED.username, email = EXCLUDED.email, status = EXCLUDED.status, \
-               version = EXCLUDED.version, registered_at = EXCLUDED.registered_at, \
-               updated_at = EXCLUDED.updated_at \
-             WHERE user_views.version = EXCLUDED.version - 1",
-        )
+        let result = sqlx::query(&format!(
+            "INSERT INTO user_views ({COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (id) DO UPDATE SET {UPDATE_ALL} \
+             WHERE user_views.version = EXCLUDED.version - 1"
+        ))
         .bind(view.id)
         .bind(&view.username)
         .bind(&view.email)
@@ -89,6 +91,8 @@ impl ViewRows {
         .bind(view.version)
         .bind(view.registered_at)
         .bind(view.updated_at)
+        .bind(&view.roles)
+        .bind(view.locked_until)
         .execute(&self.pool)
         .await?;
         Ok(result.rows_affected() == 1)
@@ -153,9 +157,32 @@ pub async fn load_many(tx: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<UserVi
     into_views(rows)
 }
 
+/// What an upsert sets from `EXCLUDED`: every column but the key.
+const UPDATE_ALL: &str = "username = EXCLUDED.username, email = EXCLUDED.email, \
+    status = EXCLUDED.status, version = EXCLUDED.version, \
+    registered_at = EXCLUDED.registered_at, updated_at = EXCLUDED.updated_at, \
+    roles = EXCLUDED.roles, locked_until = EXCLUDED.locked_until";
+
 /// Writes `views` in one statement; a row only ever moves forward.
 #[tracing::instrument(name = "sql_upsert_views", skip_all, fields(views = views.len()))]
 pub async fn upsert_many(tx: &mut PgConnection, views: &[&UserView]) -> Result<u64, sqlx::Error> {
+    upsert_into(tx, "user_views", views).await
+}
+
+/// Writes `views` into `table` (`user_views` or a generation being built,
+/// named by the caller, never by input) in one statement, each unless the
+/// table already has that user at the same or a newer version.
+///
+/// The views travel as one array per column through UNNEST. UNNEST flattens
+/// a two-dimensional array, and PostgreSQL has no array of arrays, so each
+/// view's roles travel as one array literal ([`roles_literal`]) and are cast
+/// back to `text[]` per row.
+#[tracing::instrument(name = "sql_upsert_into", skip_all, fields(table = %table, views = views.len()))]
+pub async fn upsert_into(
+    conn: &mut PgConnection,
+    table: &str,
+    views: &[&UserView],
+) -> Result<u64, sqlx::Error> {
     if views.is_empty() {
         return Ok(0);
     }
@@ -166,6 +193,8 @@ pub async fn upsert_many(tx: &mut PgConnection, views: &[&UserView]) -> Result<u
     let mut versions = Vec::with_capacity(views.len());
     let mut registered = Vec::with_capacity(views.len());
     let mut updated = Vec::with_capacity(views.len());
+    let mut roles = Vec::with_capacity(views.len());
+    let mut locked_until = Vec::with_capacity(views.len());
     for view in views {
         ids.push(view.id);
         usernames.push(view.username.as_str());
@@ -174,17 +203,20 @@ pub async fn upsert_many(tx: &mut PgConnection, views: &[&UserView]) -> Result<u
         versions.push(view.version);
         registered.push(view.registered_at);
         updated.push(view.updated_at);
+        roles.push(roles_literal(&view.roles));
+        locked_until.push(view.locked_until);
     }
-    let result = sqlx::query(
-        "INSERT INTO user_views (id, username, email, status, version, registered_at, updated_at) \
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], \
-                              $6::timestamptz[], $7::timestamptz[]) \
-         ON CONFLICT (id) DO UPDATE SET \
-           username = EXCLUDED.username, email = EXCLUDED.email, status = EXCLUDED.status, \
-           version = EXCLUDED.version, registered_at = EXCLUDED.registered_at, \
-           updated_at = EXCLUDED.updated_at \
-         WHERE user_views.version < EXCLUDED.version",
-    )
+    let result = sqlx::query(&format!(
+        "INSERT INTO {table} ({COLUMNS}) \
+         SELECT v.id, v.username, v.email, v.status, v.version, v.registered_at, v.updated_at, \
+                v.roles::text[], v.locked_until \
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], \
+                     $6::timestamptz[], $7::timestamptz[], $8::text[], $9::timestamptz[]) \
+              AS v(id, username, email, status, version, registered_at, updated_at, \
+                   roles, locked_until) \
+         ON CONFLICT (id) DO UPDATE SET {UPDATE_ALL} \
+         WHERE {table}.version < EXCLUDED.version"
+    ))
     .bind(&ids)
     .bind(&usernames)
     .bind(&emails)
@@ -192,7 +224,52 @@ pub async fn upsert_many(tx: &mut PgConnection, views: &[&UserView]) -> Result<u
     .bind(&versions)
     .bind(&registered)
     .bind(&updated)
-    .execute(tx)
+    .bind(&roles)
+    .bind(&locked_until)
+    .execute(conn)
     .await?;
     Ok(result.rows_affected())
+}
+
+/// `roles` as a PostgreSQL array literal (`{"admin","support"}`), the input
+/// form of `text[]`: what the upserts cast per row and COPY reads. Every
+/// element is quoted, with `"` and `\` escaped, so no role name can be read
+/// as a delimiter, a nested array or NULL, whatever it holds (names are
+/// validated by the command API, but the read model must not depend on it).
+pub fn roles_literal(roles: &[String]) -> String {
+    let mut out = String::with_capacity(2 + roles.iter().map(|r| r.len() + 3).sum::<usize>());
+    out.push('{');
+    for (i, role) in roles.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        for c in role.chars() {
+            if matches!(c, '"' | '\\') {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_literals_quote_every_element() {
+        assert_eq!(roles_literal(&[]), "{}");
+        assert_eq!(
+            roles_literal(&["admin".into(), "support".into()]),
+            r#"{"admin","support"}"#
+        );
+        assert_eq!(
+            roles_literal(&[r#"a"b\c"#.into(), "NULL".into(), "{x,y}".into()]),
+            r#"{"a\"b\\c","NULL","{x,y}"}"#
+        );
+    }
 }

@@ -547,21 +547,19 @@ fn event_validator(ce_type: &str) -> Option<&'static jsonschema::Validator> {
         std::sync::OnceLock::new();
     VALIDATORS
         .get_or_init(|| {
-            [
-                "user.registered.v1",
-                "user.deactivated.v1",
-                "user.reactivated.v1",
-            ]
-            .into_iter()
-            .filter_map(|ce_type| {
-                let schema = event_schema(ce_type)?;
-                let validator = jsonschema::options()
-                    .should_validate_formats(true)
-                    .build(&schema)
-                    .expect("event schemas compile");
-                Some((ce_type.to_owned(), validator))
-            })
-            .collect()
+            // Every type the events crate produces: a type added there
+            // without a schema file is reported as having none.
+            events::IntegrationEvent::TYPES
+                .iter()
+                .filter_map(|ce_type| {
+                    let schema = event_schema(ce_type)?;
+                    let validator = jsonschema::options()
+                        .should_validate_formats(true)
+                        .build(&schema)
+                        .expect("event schemas compile");
+                    Some(((*ce_type).to_owned(), validator))
+                })
+                .collect()
         })
         .get(ce_type)
 }

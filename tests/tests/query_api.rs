@@ -54,6 +54,10 @@ async fn spec(query: &Running) -> Value {
         .unwrap()
 }
 
+/// The lock of [`stored_view`], at the microseconds PostgreSQL keeps.
+const LOCKED_UNTIL: &str = "2031-02-03T04:05:06.123456Z";
+
+/// A view of "quinn", with roles and a lock, written straight into `user_views`.
 async fn stored_view(env: &TestEnv) -> UserView {
     let view = UserView {
         id: Uuid::new_v4(),
@@ -63,6 +67,8 @@ async fn stored_view(env: &TestEnv) -> UserView {
         version: 1,
         registered_at: Utc::now(),
         updated_at: Utc::now(),
+        roles: vec!["admin".into(), "support".into()],
+        locked_until: Some(LOCKED_UNTIL.parse().unwrap()),
     };
     assert!(ViewRows::new(env.pool.clone())
         .store_next(&view)
@@ -85,6 +91,8 @@ async fn a_view_is_read_from_postgres_cached_in_redis_and_revalidated_by_etag() 
     assert_eq!(first.headers["etag"], "\"1\"");
     assert_eq!(first.body["username"], "quinn");
     assert_eq!(first.body["status"], "active");
+    assert_eq!(first.body["roles"], serde_json::json!(["admin", "support"]));
+    assert_eq!(first.body["locked_until"], LOCKED_UNTIL);
 
     // The miss filled Redis, through the version-guarded write.
     let cached = eventually("the cache fill", Duration::from_secs(10), || async {
@@ -95,6 +103,8 @@ async fn a_view_is_read_from_postgres_cached_in_redis_and_revalidated_by_etag() 
     })
     .await;
     assert_eq!(cached.version, 1);
+    let cached: Value = serde_json::from_str(&cached.body).unwrap();
+    assert_eq!(cached, first.body, "Redis holds the whole view");
     let second = get(&query, &spec, &path, None).await;
     assert_eq!((second.status, &second.body), (200, &first.body));
 
@@ -222,6 +232,8 @@ fn view(name: &str, status: UserStatus, version: i32) -> UserView {
         version,
         registered_at: Utc::now(),
         updated_at: Utc::now(),
+        roles: Vec::new(),
+        locked_until: None,
     }
 }
 
@@ -240,6 +252,11 @@ async fn users_are_looked_up_by_username_or_email_as_normalised() {
         assert_eq!(status, 200, "{path}");
         assert_eq!(body["items"].as_array().unwrap().len(), 1, "{path}");
         assert_eq!(body["items"][0]["id"], stored.id.to_string());
+        assert_eq!(
+            body["items"][0]["roles"],
+            serde_json::json!(["admin", "support"])
+        );
+        assert_eq!(body["items"][0]["locked_until"], LOCKED_UNTIL);
         assert!(body["next"].is_null());
     }
     // Filters combine: every one given must match.

@@ -5,6 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
+use events::{IntegrationEvent, PublicChange};
 use futures::future::join_all;
 use serde_json::json;
 use userstream_tests::relay::{
@@ -60,6 +62,136 @@ fn the_contract_check_refuses_messages_that_break_the_contract() {
         assert!(
             !contract_violations(&message).is_empty(),
             "breakage {i} went unnoticed"
+        );
+    }
+}
+
+/// The message the relay would publish for `event`.
+fn message_of(event: &IntegrationEvent) -> KafkaMessage {
+    let raw = String::from_utf8(event.body()).unwrap();
+    KafkaMessage {
+        key: Some(event.key()),
+        partition: 0,
+        offset: 0,
+        headers: event
+            .headers("urn:test")
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value))
+            .collect(),
+        body: serde_json::from_str(&raw).unwrap(),
+        raw,
+    }
+}
+
+/// Every public change, encoded as the relay encodes it, is accepted by the
+/// schema of its ce_type; and each schema refuses what its type must not
+/// carry. Covers the types the command API cannot produce yet, without
+/// services.
+#[test]
+fn every_public_change_encodes_to_a_body_its_schema_accepts() {
+    let until = "2031-02-03T04:05:06.123456Z".parse().unwrap();
+    let recorded: DateTime<Utc> = "2026-11-21T10:00:00.654321Z".parse().unwrap();
+    let changes = [
+        PublicChange::Registered {
+            username: "rosa".into(),
+            email: "rosa@example.com".into(),
+        },
+        PublicChange::Deactivated { reason: None },
+        PublicChange::Reactivated {
+            reason: Some("appeal".into()),
+        },
+        PublicChange::PasswordCheckFailed,
+        PublicChange::PasswordCheckSucceeded,
+        PublicChange::Locked { until },
+        PublicChange::Unlocked {
+            reason: Some("called the help desk".into()),
+        },
+        PublicChange::Unlocked { reason: None },
+        PublicChange::PasswordChanged,
+        PublicChange::PasswordRehashed,
+        PublicChange::RoleGranted {
+            role: "support_2nd-line".into(),
+        },
+        PublicChange::RoleRevoked {
+            role: "admin".into(),
+        },
+    ];
+    let user = Uuid::new_v4();
+    let events: Vec<IntegrationEvent> = changes
+        .into_iter()
+        .zip(1..)
+        .map(|(change, version)| IntegrationEvent {
+            event_id: Uuid::new_v4(),
+            user_id: user,
+            stream_version: version,
+            global_position: i64::from(version) + 40,
+            // Recorded times have microseconds, as ce_time does.
+            occurred_at: recorded,
+            change,
+        })
+        .collect();
+    let covered: BTreeSet<&str> = events.iter().map(IntegrationEvent::ce_type).collect();
+    let produced: BTreeSet<&str> = IntegrationEvent::TYPES.iter().copied().collect();
+    assert_eq!(covered, produced, "one event of every type");
+    for event in &events {
+        let problems = contract_violations(&message_of(event));
+        assert!(problems.is_empty(), "{}: {problems:?}", event.ce_type());
+    }
+
+    let by_type = |ce_type: &str| {
+        message_of(
+            events
+                .iter()
+                .find(|e| e.ce_type() == ce_type)
+                .expect("an event of this type"),
+        )
+    };
+    let refused: Vec<(&str, Breakage)> = vec![
+        (
+            "user.password_check_failed.v1",
+            Box::new(|m| m.body["data"]["password_hash"] = json!("$argon2id$")),
+        ),
+        (
+            "user.password_check_succeeded.v1",
+            Box::new(|m| m.body["stream_version"] = json!(1)),
+        ),
+        (
+            "user.locked.v1",
+            Box::new(|m| m.body["data"]["until"] = json!("tomorrow")),
+        ),
+        ("user.locked.v1", Box::new(|m| m.body["data"] = json!({}))),
+        (
+            "user.unlocked.v1",
+            Box::new(|m| m.body["data"]["reason"] = json!("x".repeat(501))),
+        ),
+        (
+            "user.password_changed.v1",
+            Box::new(|m| m.body["data"]["password_hash"] = json!("$argon2id$")),
+        ),
+        (
+            "user.password_rehashed.v1",
+            Box::new(|m| m.body["data"]["hash"] = json!("$argon2id$")),
+        ),
+        (
+            "user.role_granted.v1",
+            Box::new(|m| m.body["data"]["role"] = json!("Admin")),
+        ),
+        (
+            "user.role_granted.v1",
+            Box::new(|m| m.body["data"]["role"] = json!(format!("a{}", "b".repeat(32)))),
+        ),
+        (
+            "user.role_revoked.v1",
+            Box::new(|m| m.body["data"]["role"] = json!(null)),
+        ),
+    ];
+    for (ce_type, breaks) in &refused {
+        let mut message = by_type(ce_type);
+        breaks(&mut message);
+        assert!(
+            !contract_violations(&message).is_empty(),
+            "{ce_type}: {} went unnoticed",
+            message.body
         );
     }
 }

@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 
 use chrono::SecondsFormat;
 use events::UserView;
-use read_model::rows::COLUMNS;
+use read_model::rows::{self, roles_literal, COLUMNS};
 use sqlx::{PgConnection, PgPool};
 
 /// Bytes sent per COPY message: large enough to amortise the round of
@@ -136,15 +136,27 @@ fn write_copy_row(out: &mut String, view: &UserView) {
     escape_copy_text(out, &view.username);
     out.push('\t');
     escape_copy_text(out, &view.email);
-    let _ = writeln!(
+    let _ = write!(
         out,
-        "\t{}\t{}\t{}\t{}",
+        "\t{}\t{}\t{}\t{}\t",
         view.status.as_str(),
         view.version,
         view.registered_at
             .to_rfc3339_opts(SecondsFormat::AutoSi, true),
         view.updated_at.to_rfc3339_opts(SecondsFormat::AutoSi, true),
     );
+    // An array column takes its literal form, escaped like any text.
+    escape_copy_text(out, &roles_literal(&view.roles));
+    match view.locked_until {
+        Some(until) => {
+            let _ = writeln!(
+                out,
+                "\t{}",
+                until.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+            );
+        }
+        None => out.push_str("\t\\N\n"),
+    }
 }
 
 /// COPY text escaping: backslash, and the characters that delimit fields
@@ -274,30 +286,9 @@ pub async fn upsert(
     views: &[&UserView],
 ) -> Result<u64, sqlx::Error> {
     let table = table(n);
-    let sql = format!(
-        "INSERT INTO {table} ({COLUMNS}) \
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], \
-                              $6::timestamptz[], $7::timestamptz[]) \
-         ON CONFLICT (id) DO UPDATE SET \
-           username = EXCLUDED.username, email = EXCLUDED.email, status = EXCLUDED.status, \
-           version = EXCLUDED.version, registered_at = EXCLUDED.registered_at, \
-           updated_at = EXCLUDED.updated_at \
-         WHERE {table}.version < EXCLUDED.version"
-    );
     let mut written = 0;
     for chunk in views.chunks(UPSERT_CHUNK) {
-        let text = |f: fn(&UserView) -> &str| chunk.iter().map(|v| f(v)).collect::<Vec<_>>();
-        written += sqlx::query(&sql)
-            .bind(chunk.iter().map(|v| v.id).collect::<Vec<_>>())
-            .bind(text(|v| &v.username))
-            .bind(text(|v| &v.email))
-            .bind(text(|v| v.status.as_str()))
-            .bind(chunk.iter().map(|v| v.version).collect::<Vec<_>>())
-            .bind(chunk.iter().map(|v| v.registered_at).collect::<Vec<_>>())
-            .bind(chunk.iter().map(|v| v.updated_at).collect::<Vec<_>>())
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
+        written += rows::upsert_into(conn, &table, chunk).await?;
     }
     Ok(written)
 }
@@ -331,6 +322,36 @@ mod tests {
             primary: false,
         };
         assert!(retarget(&elsewhere, "y", "user_views_g3").is_err());
+    }
+
+    #[test]
+    fn copy_rows_carry_roles_as_an_array_and_no_lock_as_null() {
+        let at: chrono::DateTime<chrono::Utc> = "2026-11-21T10:00:00.5Z".parse().unwrap();
+        let mut view = UserView {
+            id: uuid::Uuid::nil(),
+            username: "ada".into(),
+            email: "ada@example.com".into(),
+            status: events::UserStatus::Active,
+            version: 4,
+            registered_at: at,
+            updated_at: at,
+            roles: vec!["admin".into(), "support".into()],
+            locked_until: Some("2031-02-03T04:05:06.123456Z".parse().unwrap()),
+        };
+        let mut out = String::new();
+        write_copy_row(&mut out, &view);
+        assert_eq!(
+            out,
+            "00000000-0000-0000-0000-000000000000\tada\tada@example.com\tactive\t4\t\
+             2026-11-21T10:00:00.500Z\t2026-11-21T10:00:00.500Z\t{\"admin\",\"support\"}\t\
+             2031-02-03T04:05:06.123456Z\n"
+        );
+        view.roles = vec!["a\\b".into()];
+        view.locked_until = None;
+        out.clear();
+        write_copy_row(&mut out, &view);
+        // The array literal's backslash, escaped again for COPY; NULL as \N.
+        assert!(out.ends_with("\t{\"a\\\\\\\\b\"}\t\\N\n"), "{out}");
     }
 
     #[test]

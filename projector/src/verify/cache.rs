@@ -232,6 +232,15 @@ pub fn entry_difference(expected: &UserView, entry: &Entry) -> Option<String> {
                 .filter(|key| !wanted.contains_key(*key))
                 .map(|key| format!("unexpected field {key:?}")),
         );
+        // A body cached before a field existed reads as a view with the
+        // field's default, which may even be right: it is still not what
+        // readers must be served.
+        fields.extend(
+            wanted
+                .keys()
+                .filter(|key| !served.contains_key(*key))
+                .map(|key| format!("missing field {key:?}")),
+        );
     }
     if fields.is_empty() {
         fields.push(format!("body {}", entry.body));
@@ -246,6 +255,60 @@ pub fn entry_difference(expected: &UserView, entry: &Entry) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn view() -> UserView {
+        let at = "2026-11-21T10:00:00Z".parse().unwrap();
+        UserView {
+            id: Uuid::nil(),
+            username: "ada".into(),
+            email: "ada@example.com".into(),
+            status: events::UserStatus::Active,
+            version: 5,
+            registered_at: at,
+            updated_at: at,
+            roles: vec!["admin".into()],
+            locked_until: Some("2031-02-03T04:05:06Z".parse().unwrap()),
+        }
+    }
+
+    fn entry(body: serde_json::Value) -> Entry {
+        Entry {
+            version: 5,
+            body: body.to_string(),
+        }
+    }
+
+    #[test]
+    fn roles_and_locks_are_compared() {
+        let expected = view();
+        let same = serde_json::to_value(&expected).unwrap();
+        assert_eq!(entry_difference(&expected, &entry(same.clone())), None);
+        let mut other = same.clone();
+        other["roles"] = serde_json::json!([]);
+        other["locked_until"] = serde_json::Value::Null;
+        let found = entry_difference(&expected, &entry(other)).unwrap();
+        assert!(found.contains(r#"roles [] (log: ["admin"])"#), "{found}");
+        assert!(
+            found.contains("locked_until null (log: 2031-02-03T04:05:06+00:00)"),
+            "{found}"
+        );
+    }
+
+    #[test]
+    fn a_body_cached_before_a_field_existed_is_a_difference() {
+        let mut expected = view();
+        expected.roles.clear();
+        expected.locked_until = None;
+        let mut old = serde_json::to_value(&expected).unwrap();
+        let fields = old.as_object_mut().unwrap();
+        fields.remove("roles");
+        fields.remove("locked_until");
+        // It reads as the same view (the fields default), yet is not what
+        // readers must be served.
+        let found = entry_difference(&expected, &entry(old)).unwrap();
+        assert!(found.contains(r#"missing field "roles""#), "{found}");
+        assert!(found.contains(r#"missing field "locked_until""#), "{found}");
+    }
 
     #[test]
     fn glob_characters_match_literally() {
