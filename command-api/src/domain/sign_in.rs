@@ -7,7 +7,7 @@
 //! time, each recorded at the stream version it was decided on (see
 //! `signin.rs`).
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, SubsecRound as _, Utc};
 use events::domain::{PasswordCheckFailed, PasswordCheckSucceeded, UserLocked};
 use events::UserEvent;
 
@@ -61,9 +61,10 @@ pub fn record_check(
     }
     let mut events = vec![UserEvent::PasswordCheckFailed(PasswordCheckFailed {})];
     if user.failed_checks + 1 >= policy.max_failures.max(1) {
-        events.push(UserEvent::Locked(UserLocked {
-            until: now + policy.lock_for,
-        }));
+        // Microseconds: what PostgreSQL and the read model keep, so every
+        // copy of the lock shows the same instant.
+        let until = (now + policy.lock_for).trunc_subsecs(6);
+        events.push(UserEvent::Locked(UserLocked { until }));
     }
     events
 }
@@ -100,14 +101,14 @@ mod tests {
 
     #[test]
     fn the_last_allowed_failure_locks_the_account() {
-        let now = Utc::now();
+        let now = Utc::now().trunc_subsecs(6);
         let (history, user) = after(&[false, false], now);
         assert_eq!(user.failed_checks, 2);
         assert_eq!(may_check(&user, now), Ok(()));
         let events = record_check(&user, false, now, POLICY);
         assert!(matches!(
             events.as_slice(),
-            [UserEvent::PasswordCheckFailed(_), UserEvent::Locked(l)] if l.until == now + POLICY.lock_for
+            [UserEvent::PasswordCheckFailed(_), UserEvent::Locked(l)] if l.until == (now + POLICY.lock_for).trunc_subsecs(6)
         ));
         let locked = User::from_events(history.iter().chain(&events));
         assert_eq!(

@@ -67,6 +67,21 @@ impl Admin {
         self.0.user_id().to_string()
     }
 
+    pub fn user_id(&self) -> Uuid {
+        self.0.user_id()
+    }
+
+    /// Administrators cannot deactivate themselves or give up their own
+    /// `admin` role: another administrator must, so that the last one is
+    /// never locked out by a slip.
+    pub fn refuse_own(&self, target: Uuid) -> Result<(), ApiError> {
+        if target == self.user_id() {
+            Err(ApiError::OwnAccount)
+        } else {
+            Ok(())
+        }
+    }
+
     async fn check(principal: Principal, state: &AppState) -> Result<Self, ApiError> {
         if !principal.has_scope(ADMIN_SCOPE) {
             return Err(ApiError::Forbidden);

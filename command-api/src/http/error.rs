@@ -55,6 +55,9 @@ pub enum ApiError {
     /// 409: the user is already in the requested state.
     #[error("{0}")]
     StateConflict(DomainError),
+    /// 409: an administrator tried to deactivate themself or drop their own admin role.
+    #[error("administrators cannot deactivate themselves or give up their own admin role")]
+    OwnAccount,
     /// 409: other commands kept winning the race for this user.
     #[error("the user was changed concurrently; retry")]
     ConcurrentModification,
@@ -103,6 +106,7 @@ impl ApiError {
             Self::UsernameTaken
             | Self::EmailTaken
             | Self::StateConflict(_)
+            | Self::OwnAccount
             | Self::ConcurrentModification => StatusCode::CONFLICT,
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -135,6 +139,7 @@ impl ApiError {
             Self::StateConflict(DomainError::RoleAlreadyGranted) => "role_already_granted",
             Self::StateConflict(DomainError::RoleNotGranted) => "role_not_granted",
             Self::StateConflict(_) => "conflict",
+            Self::OwnAccount => "own_account",
             Self::ConcurrentModification => "concurrent_modification",
             Self::PreconditionFailed { .. } => "precondition_failed",
             Self::PayloadTooLarge { .. } => "payload_too_large",

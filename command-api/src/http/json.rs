@@ -47,7 +47,23 @@ async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Api
     })
 }
 
+/// serde reads a struct from a JSON array too (its fields in order), so an
+/// array is refused here: every body the API documents is an object.
+fn refuse_array(bytes: &[u8]) -> Result<(), ApiError> {
+    if bytes.trim_ascii_start().first() != Some(&b'[') {
+        return Ok(());
+    }
+    // Malformed JSON stays a 400.
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+        .map_err(|error| ApiError::MalformedJson(error.to_string()))?;
+    Err(ApiError::Invalid {
+        message: "the body must be a JSON object".into(),
+        fields: BTreeMap::from([("body".to_owned(), "must be a JSON object".to_owned())]),
+    })
+}
+
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    refuse_array(bytes)?;
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|error| {
         let path = error.path().to_string();

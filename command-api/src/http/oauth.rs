@@ -36,26 +36,79 @@ pub fn router() -> Router<AppState> {
 /// The client id recorded for sessions of clients that send none.
 const DEFAULT_CLIENT: &str = "public";
 
-/// `POST /oauth/token`, form-encoded. Parameters it does not know are
-/// ignored (RFC 6749, section 3.2).
-#[derive(Deserialize, utoipa::ToSchema)]
+/// `POST /oauth/token`, form-encoded, as the handler reads it: every field
+/// optional so that a missing one gets RFC 6749's `invalid_request` rather
+/// than a generic rejection. Parameters it does not know are ignored (RFC
+/// 6749, section 3.2). What is documented is [`TokenGrant`].
+#[derive(Deserialize)]
 pub struct TokenRequest {
     /// `password` or `refresh_token`.
-    #[schema(example = "password")]
     pub grant_type: Option<String>,
     /// With `password`: the username, or the email address (with an `@`).
-    #[schema(max_length = 254)]
     pub username: Option<String>,
     /// With `password`.
-    #[schema(max_length = 128)]
     pub password: Option<String>,
     /// With `refresh_token`: the refresh token last issued.
-    #[schema(max_length = 128)]
     pub refresh_token: Option<String>,
     /// Optional: 1–64 characters of `[A-Za-z0-9._:-]`, recorded with the session.
+    pub client_id: Option<String>,
+    /// Ignored: tokens carry every scope the user's roles give.
+    pub scope: Option<String>,
+}
+
+/// The two grants, as documented.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // documentation only: see `TokenRequest`
+pub enum TokenGrant {
+    Password(PasswordGrant),
+    RefreshToken(RefreshTokenGrant),
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub enum PasswordGrantType {
+    #[serde(rename = "password")]
+    Password,
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub enum RefreshTokenGrantType {
+    #[serde(rename = "refresh_token")]
+    RefreshToken,
+}
+
+/// `grant_type=password` (RFC 6749, section 4.3).
+#[derive(Deserialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct PasswordGrant {
+    pub grant_type: PasswordGrantType,
+    /// The username, or the email address (with an `@`); matched as
+    /// normalised (trimmed, lower-cased).
+    #[schema(min_length = 1, max_length = 254)]
+    pub username: String,
+    #[schema(min_length = 1, max_length = 128)]
+    pub password: String,
+    /// Recorded with the session; refresh grants must name the same one.
     #[schema(pattern = "^[A-Za-z0-9._:-]{1,64}$")]
     pub client_id: Option<String>,
     /// Ignored: tokens carry every scope the user's roles give.
+    pub scope: Option<String>,
+}
+
+/// `grant_type=refresh_token` (RFC 6749, section 6).
+#[derive(Deserialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct RefreshTokenGrant {
+    pub grant_type: RefreshTokenGrantType,
+    /// The refresh token last issued; each is used once.
+    #[schema(min_length = 1, max_length = 128)]
+    pub refresh_token: String,
+    /// If sent, the client the session was started by.
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,64}$")]
+    pub client_id: Option<String>,
+    /// Ignored.
     pub scope: Option<String>,
 }
 
@@ -206,7 +259,7 @@ fn client_id(value: Option<String>) -> Result<String, OAuthError> {
 
 /// Issues access and refresh tokens.
 #[utoipa::path(post, path = "/oauth/token", tag = "oauth",
-    request_body(content = TokenRequest, content_type = "application/x-www-form-urlencoded"),
+    request_body(content = TokenGrant, content_type = "application/x-www-form-urlencoded"),
     params(
         ("X-Request-Id" = Option<String>, Header, nullable = false, description = "Correlation id recorded with any event the request appends (failed checks, locks)"),
     ),
@@ -244,10 +297,10 @@ async fn password_grant(
     headers: &HeaderMap,
     request: TokenRequest,
 ) -> Result<TokenResponse, OAuthError> {
-    let identifier = normalise(&required(request.username, "username")?);
+    let username = required(request.username, "username")?;
     let password = required(request.password, "password")?;
     let client_id = client_id(request.client_id)?;
-    if identifier.len() > 254 || password.chars().count() > 128 {
+    if username.chars().count() > 254 || password.chars().count() > 128 {
         return Err(OAuthError::InvalidRequest(
             "username is at most 254 and password at most 128 characters".into(),
         ));
@@ -255,7 +308,7 @@ async fn password_grant(
     let password = SecretString::from(password);
     let user_id = state
         .store
-        .find_user(&identifier)
+        .find_user(&normalise(&username))
         .await
         .map_err(ApiError::from)?;
     let checked = match user_id {
@@ -377,11 +430,14 @@ const ANONYMOUS: &str = "anonymous";
 #[derive(Deserialize, utoipa::ToSchema)]
 pub struct RevokeRequest {
     /// A refresh token; its whole session ends.
-    #[schema(max_length = 4096)]
+    #[schema(value_type = String, min_length = 1, max_length = 4096)]
     pub token: Option<String>,
-    /// `refresh_token` or `access_token`; optional.
+    /// `refresh_token` or `access_token`; other values are ignored (RFC 7009, 2.1).
     pub token_type_hint: Option<String>,
 }
+
+/// The longest `token` that `/oauth/revoke` reads.
+const MAX_REVOKED_TOKEN: usize = 4096;
 
 /// Revokes a refresh token and its session.
 #[utoipa::path(post, path = "/oauth/revoke", tag = "oauth",
@@ -400,6 +456,11 @@ pub(crate) async fn revoke(
 ) -> Result<Response, OAuthError> {
     let request = form(body)?;
     let token = required(request.token, "token")?;
+    if token.chars().count() > MAX_REVOKED_TOKEN {
+        return Err(OAuthError::InvalidRequest(format!(
+            "token is at most {MAX_REVOKED_TOKEN} characters"
+        )));
+    }
     let looks_like_jwt = token.split('.').count() == 3;
     if request.token_type_hint.as_deref() == Some("access_token") || looks_like_jwt {
         return Err(OAuthError::UnsupportedTokenType);

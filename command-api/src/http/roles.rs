@@ -119,7 +119,7 @@ pub(crate) async fn grant(
         (status = 401, description = "No bearer token (`unauthenticated`) or an invalid one (`invalid_token`)", body = ErrorBody),
         (status = 403, description = "Not an active administrator's token (`forbidden`)", body = ErrorBody),
         (status = 404, description = "No such user (`user_not_found`)", body = ErrorBody),
-        (status = 409, description = "`role_not_granted` or `concurrent_modification`", body = ErrorBody),
+        (status = 409, description = "`role_not_granted`, `own_account` (administrators cannot give up their own `admin` role) or `concurrent_modification`", body = ErrorBody),
         (status = 412, description = "If-Match names no tag of the user's current version (`precondition_failed`)", body = ErrorBody),
         (status = 422, description = "A role name that is not valid (`validation_failed`) or a reused Idempotency-Key (`idempotency_key_reused`)", body = ErrorBody),
         (status = 500, description = "An unexpected failure (`internal`)", body = ErrorBody),
@@ -135,6 +135,9 @@ pub(crate) async fn revoke(
     let id = platform::http::parse_uuid(&id).ok_or(ApiError::InvalidId)?;
     if !roles::is_valid(&role) {
         return Err(invalid_role());
+    }
+    if role == roles::ADMIN_SCOPE {
+        admin.refuse_own(id)?;
     }
     const ROUTE: &str = "DELETE /users/{id}/roles/{role}";
     let actor = admin.actor();

@@ -225,7 +225,7 @@ async fn replay_registration(
         (status = 401, description = "No bearer token (`unauthenticated`), or not a valid access token (`invalid_token`)", body = ErrorBody),
         (status = 403, description = "The token's user is not an active administrator (`forbidden`)", body = ErrorBody),
         (status = 404, description = "No such user (`user_not_found`)", body = ErrorBody),
-        (status = 409, description = "`already_deactivated` or `concurrent_modification`", body = ErrorBody),
+        (status = 409, description = "`already_deactivated`, `own_account` (administrators cannot deactivate themselves) or `concurrent_modification`", body = ErrorBody),
         (status = 412, description = "If-Match names no tag of the user's current version (`precondition_failed`)", body = ErrorBody),
         (status = 413, description = "Body over 16 KiB (`payload_too_large`)", body = ErrorBody),
         (status = 415, description = "Body not sent as application/json (`unsupported_media_type`)", body = ErrorBody),
@@ -360,6 +360,9 @@ async fn status_command(
     toggle: Toggle,
 ) -> Result<Response, ApiError> {
     let id = platform::http::parse_uuid(id).ok_or(ApiError::InvalidId)?;
+    if let Toggle::Deactivate = toggle {
+        admin.refuse_own(id)?;
+    }
     let reason = parse_reason(body)?;
     let fingerprint = idempotency::fingerprint(&[
         toggle.route(),
