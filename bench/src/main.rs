@@ -15,6 +15,9 @@
 //!    the maximum command rate, with every service running.
 //! 7. Reads: cached `GET /users/{id}` vs an axum handler doing one Redis GET,
 //!    uncached vs pgbench doing the same SELECT; see `reads.rs`.
+//! 8. Identity: password-grant sign-ins vs the argon2 limit, refresh-token
+//!    grants vs pgbench running the same SQL, and access-token verifications
+//!    by a downstream service with the JWKS cached; see `identity.rs`.
 //!
 //! Diagnostics of the visibility scenario (not needed for the figures):
 //! `BENCH_PROBED_PER_SECOND` (default 50) commands probed per second,
@@ -22,6 +25,7 @@
 //! `BENCH_STAGES=1` also times the relay checkpoint and the PostgreSQL row
 //! per probed command (one more query per probe round, so more load).
 
+mod identity;
 mod projection;
 mod reads;
 mod relay;
@@ -44,7 +48,7 @@ pub struct Plan {
     /// `BENCH_REBUILD_EVENTS`: log size for `projector rebuild`, default 1,000,000.
     pub rebuild_events: i64,
     /// `BENCH_ONLY`: `registration`, `status`, `relay`, `projection`,
-    /// `rebuild`, `visibility` or `reads` to run one scenario.
+    /// `rebuild`, `visibility`, `reads` or `identity` to run one scenario.
     pub only: Option<String>,
     /// `BENCH_KEEP=1`: keep the read-side scenarios' databases and topics
     /// (they are dropped after each run otherwise).
@@ -97,6 +101,21 @@ async fn main() -> anyhow::Result<()> {
             r.probes
         );
         registration.push(r);
+    }
+    let mut identities = Vec::new();
+    for run in 1..=plan.runs("identity") {
+        let r = identity::identity(&plan, run).await?;
+        println!(
+            "  identity run {run}: sign-ins {:.1}/s vs argon2 limit {:.1}/s = {:.0}%; refresh grants {:.0}/s vs pgbench {:.0}/s = {:.0}%; token verifications {:.0}/s on all cores",
+            r.sign_ins,
+            r.argon2_limit,
+            100.0 * r.sign_ins / r.argon2_limit,
+            r.refreshes,
+            r.pgbench,
+            100.0 * r.refreshes / r.pgbench,
+            r.verifications
+        );
+        identities.push(r);
     }
     let mut status = Vec::new();
     for run in 1..=plan.runs("status") {
@@ -236,6 +255,27 @@ async fn main() -> anyhow::Result<()> {
 
     let verdict = |ok: bool| if ok { "meets goal" } else { "BELOW GOAL" };
     println!("\nmedians of {} runs:", plan.runs);
+    if !identities.is_empty() {
+        let of = |f: &dyn Fn(&identity::Identity) -> f64| {
+            median(&identities.iter().map(f).collect::<Vec<_>>())
+        };
+        let sign_ins = of(&|r| r.sign_ins / r.argon2_limit);
+        let refreshes = of(&|r| r.refreshes / r.pgbench);
+        println!(
+            "  sign-ins / argon2 limit            {:>6.1}%   goal >= 85%   {}",
+            100.0 * sign_ins,
+            verdict(sign_ins >= 0.85)
+        );
+        println!(
+            "  refresh grants / pgbench           {:>6.1}%   goal >= 60%   {}",
+            100.0 * refreshes,
+            verdict(refreshes >= 0.60)
+        );
+        println!(
+            "  token verifications, JWKS cached   {:>8.0}/s on all cores",
+            of(&|r| r.verifications)
+        );
+    }
     if !registration.is_empty() {
         let ratio = median(
             &registration

@@ -103,14 +103,19 @@ pub async fn make_admin(http: &reqwest::Client, api: &Running) -> Admin {
 /// use and kept for the rest of the test run (tests give their command APIs
 /// an hour-long token lifetime).
 pub async fn admin_token(http: &reqwest::Client, api: &Running) -> String {
+    kept_admin(http, api).await.token
+}
+
+/// The administrator [`admin_token`] uses for `api`, made on first use.
+pub async fn kept_admin(http: &reqwest::Client, api: &Running) -> Admin {
     static ADMINS: tokio::sync::Mutex<BTreeMap<String, Admin>> =
         tokio::sync::Mutex::const_new(BTreeMap::new());
     let mut admins = ADMINS.lock().await;
     let key = api.url("");
     if let Some(admin) = admins.get(&key) {
-        return admin.token.clone();
+        return admin.clone();
     }
     let admin = make_admin(http, api).await;
     admins.insert(key, admin.clone());
-    admin.token
+    admin
 }

@@ -368,6 +368,37 @@ fn compose_gives_the_admin_token_to_the_command_api_only() {
 }
 
 #[test]
+fn compose_gives_the_signing_key_to_the_command_api_only() {
+    let compose = compose();
+    let path = env_var(&compose, "command-api", "JWT_SIGNING_KEY_FILE");
+    let mounts: Vec<String> = service(&compose, "command-api")["volumes"]
+        .as_sequence()
+        .map(|v| v.iter().filter_map(scalar).collect())
+        .unwrap_or_default();
+    let mount = mounts
+        .iter()
+        .find(|m| m.split(':').nth(1) == Some(path.as_str()))
+        .unwrap_or_else(|| panic!("no volume puts a key at {path}: {mounts:?}"));
+    let host = mount.split(':').next().unwrap();
+    let pem = read(host.trim_start_matches("./"));
+    assert!(
+        pem.starts_with("-----BEGIN PRIVATE KEY-----"),
+        "{host} is not a PEM key"
+    );
+    assert!(
+        host.contains("DEVELOPMENT-ONLY"),
+        "the committed key is marked as development-only"
+    );
+    for name in ["query-api", "projector"] {
+        let env = environment(service(&compose, name));
+        assert!(
+            !env.keys().any(|k| k.starts_with("JWT_")),
+            "{name} has no use for the signing key and must not get it"
+        );
+    }
+}
+
+#[test]
 fn compose_kafka_is_a_single_kraft_node() {
     let compose = compose();
     let env = environment(service(&compose, "kafka"));

@@ -136,3 +136,92 @@ async fn services_stop_cleanly_on_sigterm() {
         assert!(status.success(), "{service:?} exited with {status}");
     }
 }
+
+#[tokio::test]
+async fn roles_locks_and_password_changes_reach_the_query_api_and_the_topic_without_secrets() {
+    use userstream_tests::identity::{make_admin, password_grant, register, PASSWORD};
+    let env = TestEnv::new().await;
+    let command = env
+        .spawn(Service::CommandApi, &[("LOCKOUT_MAX_FAILURES", "2")])
+        .await;
+    let projector = env.spawn(Service::Projector, &[]).await;
+    let query = env.spawn(Service::QueryApi, &[]).await;
+    let http = reqwest::Client::new();
+    let admin = make_admin(&http, &command).await;
+    let id = register(&http, &command, "locksmith").await;
+    let granted = http
+        .post(command.url(&format!("/users/{id}/roles")))
+        .bearer_auth(&admin.token)
+        .json(&json!({ "role": "support" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(granted.status(), 200);
+    for _ in 0..2 {
+        password_grant(&http, &command, "locksmith", "not the password").await;
+    }
+    let (_, tokens) = password_grant(&http, &command, "locksmith", PASSWORD).await;
+    assert_eq!(tokens["error"], "invalid_grant", "locked");
+    let (locked_until, version): (String, i32) = sqlx::query_as(
+        "SELECT payload->>'until', stream_version FROM events WHERE stream_id = $1 AND event_type = 'UserLocked'",
+    )
+    .bind(id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+
+    let view: Value = http
+        .get(query.url(&format!("/users/{id}?min_version={version}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["roles"], json!(["support"]));
+    let shown: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(view["locked_until"].clone()).unwrap();
+    let logged: chrono::DateTime<chrono::Utc> = locked_until.parse().unwrap();
+    assert_eq!(shown, logged);
+    assert_eq!(view["version"], version);
+
+    let key = id.to_string();
+    let messages = read_topic(&env.topic, DEADLINE, |seen| {
+        seen.iter()
+            .filter(|m| m.key.as_deref() == Some(key.as_str()))
+            .count()
+            >= version as usize
+    })
+    .await;
+    let types: Vec<&str> = messages
+        .iter()
+        .filter(|m| m.key.as_deref() == Some(key.as_str()))
+        .map(|m| m.headers["ce_type"].as_str())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "user.registered.v1",
+            "user.role_granted.v1",
+            "user.password_check_failed.v1",
+            "user.password_check_failed.v1",
+            "user.locked.v1"
+        ]
+    );
+    for message in &messages {
+        let problems = contract_violations(message);
+        assert!(problems.is_empty(), "{problems:?} in {message:?}");
+        let everything = format!("{:?} {}", message.headers, message.raw);
+        assert!(!everything.contains("$argon2") && !everything.contains(PASSWORD));
+        assert!(!everything.contains(&admin.token), "a token on the topic");
+    }
+    for service in [&command, &projector, &query] {
+        for line in service.logs() {
+            assert!(
+                !line.contains(&admin.token),
+                "{:?} logged a token",
+                service.service
+            );
+        }
+    }
+}

@@ -145,8 +145,9 @@ async fn verify_names_a_corrupted_redis_entry_but_not_a_pending_one() {
     }
     let clean = verify(&env).await;
     clean.assert_success();
-    // finn was never read: only the mark of his registration, pending.
-    assert!(clean.stdout.contains("3 entries (1 pending)"), "{clean}");
+    // finn and the administrator who deactivated dora were never read: only
+    // the marks of their last changes, pending.
+    assert!(clean.stdout.contains("4 entries (2 pending)"), "{clean}");
 
     let mut redis = redis::Client::open(redis_url())
         .unwrap()
