@@ -157,10 +157,20 @@ async fn roles_locks_and_password_changes_reach_the_query_api_and_the_topic_with
         .await
         .unwrap();
     assert_eq!(granted.status(), 200);
+    let (_, tokens) = password_grant(&http, &command, "locksmith", PASSWORD).await;
+    let new_password = "another long passphrase";
+    let changed = http
+        .post(command.url(&format!("/users/{id}/password")))
+        .bearer_auth(tokens["access_token"].as_str().unwrap())
+        .json(&json!({ "current_password": PASSWORD, "new_password": new_password }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(changed.status(), 200);
     for _ in 0..2 {
         password_grant(&http, &command, "locksmith", "not the password").await;
     }
-    let (_, tokens) = password_grant(&http, &command, "locksmith", PASSWORD).await;
+    let (_, tokens) = password_grant(&http, &command, "locksmith", new_password).await;
     assert_eq!(tokens["error"], "invalid_grant", "locked");
     let (locked_until, version): (String, i32) = sqlx::query_as(
         "SELECT payload->>'until', stream_version FROM events WHERE stream_id = $1 AND event_type = 'UserLocked'",
@@ -203,6 +213,7 @@ async fn roles_locks_and_password_changes_reach_the_query_api_and_the_topic_with
         [
             "user.registered.v1",
             "user.role_granted.v1",
+            "user.password_changed.v1",
             "user.password_check_failed.v1",
             "user.password_check_failed.v1",
             "user.locked.v1"
@@ -213,7 +224,56 @@ async fn roles_locks_and_password_changes_reach_the_query_api_and_the_topic_with
         assert!(problems.is_empty(), "{problems:?} in {message:?}");
         let everything = format!("{:?} {}", message.headers, message.raw);
         assert!(!everything.contains("$argon2") && !everything.contains(PASSWORD));
+        assert!(!everything.contains(new_password));
         assert!(!everything.contains(&admin.token), "a token on the topic");
+    }
+    // Nor in the read model, its Redis entries or what the query API serves.
+    let rows: Vec<String> = sqlx::query_scalar("SELECT row_to_json(v)::text FROM user_views v")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    let mut redis = redis::Client::open(userstream_tests::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", env.redis_prefix))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty(), "the read filled the cache");
+    let mut cached = Vec::new();
+    for key in keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        let parts: Vec<Vec<u8>> = match kind.as_str() {
+            "string" => vec![redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut redis)
+                .await
+                .unwrap()],
+            "hash" => redis::cmd("HGETALL")
+                .arg(&key)
+                .query_async(&mut redis)
+                .await
+                .unwrap(),
+            other => panic!("{key} is a {other}: look inside it too"),
+        };
+        cached.extend(
+            parts
+                .iter()
+                .map(|p| String::from_utf8_lossy(p).into_owned()),
+        );
+    }
+    for text in rows.iter().chain(&cached).chain([&view.to_string()]) {
+        assert!(
+            !text.contains("$argon2") && !text.contains("password_hash"),
+            "{text}"
+        );
     }
     for service in [&command, &projector, &query] {
         for line in service.logs() {

@@ -394,6 +394,29 @@ async fn deactivation_revokes_every_session_and_refuses_sign_in() {
 }
 
 #[tokio::test]
+async fn a_locked_user_cannot_refresh_until_the_lock_is_lifted() {
+    let api = Api::start(&[("LOCKOUT_MAX_FAILURES", "2")]).await;
+    let (id, name) = api.user().await;
+    let (_, tokens) = password_grant(&api.http, &api.service, &name, PASSWORD).await;
+    let refresh = tokens["refresh_token"].as_str().unwrap();
+    for _ in 0..2 {
+        password_grant(&api.http, &api.service, &name, "someone guessing").await;
+    }
+    let (status, body) = api.refresh(refresh).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
+    // Refused, not used: the session survives the lock.
+    let admin = make_admin(&api.http, &api.service).await;
+    let (status, _) = api
+        .post_as(&admin.token, &format!("/users/{id}/unlock"), json!({}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(api.refresh(refresh).await.0, 200);
+}
+
+#[tokio::test]
 async fn a_password_change_needs_the_current_one_and_ends_the_other_sessions() {
     let api = Api::start(&[]).await;
     let (id, name) = api.user().await;
