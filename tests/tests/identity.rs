@@ -499,6 +499,38 @@ async fn a_password_change_needs_the_current_one_and_ends_the_other_sessions() {
 }
 
 #[tokio::test]
+async fn a_password_change_is_refused_while_locked_or_deactivated() {
+    let api = Api::start(&[("LOCKOUT_MAX_FAILURES", "2")]).await;
+    let admin = make_admin(&api.http, &api.service).await;
+    let change = json!({"current_password": PASSWORD, "new_password": "a brand new passphrase"});
+
+    let (id, name) = api.user().await;
+    let token = sign_in(&api.http, &api.service, &name).await;
+    for _ in 0..2 {
+        password_grant(&api.http, &api.service, &name, "someone guessing").await;
+    }
+    let (status, body) = api
+        .post_as(&token, &format!("/users/{id}/password"), change.clone())
+        .await;
+    assert_eq!((status, code(&body)), (403, "account_locked"));
+
+    let (id, name) = api.user().await;
+    let token = sign_in(&api.http, &api.service, &name).await;
+    let (status, _) = api
+        .post_as(&admin.token, &format!("/users/{id}/deactivate"), json!({}))
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = api
+        .post_as(&token, &format!("/users/{id}/password"), change)
+        .await;
+    assert_eq!((status, code(&body)), (409, "user_deactivated"));
+    assert_eq!(
+        api.event_types(id).await,
+        ["UserRegistered", "UserDeactivated"]
+    );
+}
+
+#[tokio::test]
 async fn a_hash_made_under_older_parameters_is_rehashed_at_sign_in() {
     use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
     let api = Api::start(&[]).await;
