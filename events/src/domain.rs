@@ -35,6 +35,98 @@ pub struct UserRegistered {
     pub username: String,
     pub email: String,
     pub password_hash: PasswordHash,
+    /// The code that verifies `email`, sealed (see [`crate::codes`]); absent
+    /// from registrations made before email verification existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_code: Option<SealedCode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code_expires_at: Option<DateTime<Utc>>,
+}
+
+/// A code that goes by mail, encrypted so that only the write side and the
+/// notifier can read it ([`crate::codes`]). Stored under the payload key
+/// `sealed_code`, which `events_public` drops: it never reaches the topic, a
+/// read model or Redis. It never prints.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SealedCode(String);
+
+impl SealedCode {
+    pub fn new(sealed: String) -> Self {
+        Self(sealed)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SealedCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SealedCode(<redacted>)")
+    }
+}
+
+/// The user's profile as it is after a change: every field, not only the
+/// changed ones, so a reader needs no earlier event to know it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileChanged {
+    pub display_name: Option<String>,
+    /// A BCP 47 language tag.
+    pub locale: Option<String>,
+    /// An IANA time zone name.
+    pub time_zone: Option<String>,
+    /// Small client-defined settings: string keys, scalar values.
+    #[serde(default)]
+    pub preferences: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+/// A code was issued to prove control of `email`: a new address the user
+/// asked to change to (reserved like a registration's), or the current one
+/// again. It replaces any earlier code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailVerificationRequested {
+    pub email: String,
+    pub sealed_code: SealedCode,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A wrong email verification code was tried.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailCodeFailed {}
+
+/// The code was confirmed: `email` is the user's verified address (when it
+/// differs from the current one, this is the swap of an email change).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailVerified {
+    pub email: String,
+}
+
+/// A password reset was asked for: a code went to `email`. It replaces any
+/// earlier reset code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordResetRequested {
+    pub email: String,
+    pub sealed_code: SealedCode,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A wrong password reset code was tried.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordResetFailed {}
+
+/// The password was reset with a mailed code. It also lifts a lock from
+/// failed password checks (see ARCHITECTURE.md, "Mail").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordReset {
+    pub password_hash: PasswordHash,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +209,13 @@ pub enum UserEvent {
     PasswordRehashed(PasswordRehashed),
     RoleGranted(RoleGranted),
     RoleRevoked(RoleRevoked),
+    ProfileChanged(ProfileChanged),
+    EmailVerificationRequested(EmailVerificationRequested),
+    EmailCodeFailed(EmailCodeFailed),
+    EmailVerified(EmailVerified),
+    PasswordResetRequested(PasswordResetRequested),
+    PasswordResetFailed(PasswordResetFailed),
+    PasswordReset(PasswordReset),
 }
 
 /// Every stored event type, with its variant: the one table that
@@ -173,6 +272,13 @@ event_types! {
     PasswordRehashed => "PasswordRehashed",
     RoleGranted => "RoleGranted",
     RoleRevoked => "RoleRevoked",
+    ProfileChanged => "ProfileChanged",
+    EmailVerificationRequested => "EmailVerificationRequested",
+    EmailCodeFailed => "EmailCodeFailed",
+    EmailVerified => "EmailVerified",
+    PasswordResetRequested => "PasswordResetRequested",
+    PasswordResetFailed => "PasswordResetFailed",
+    PasswordReset => "PasswordReset",
 }
 
 /// Why a stored event could not be read back.
@@ -307,6 +413,8 @@ mod tests {
             username: "alice".into(),
             email: "alice@example.com".into(),
             password_hash: PasswordHash::new("$argon2id$v=19$secret".into()),
+            sealed_code: Some(SealedCode::new("v1.sealed".into())),
+            code_expires_at: Some("2026-12-04T10:00:00Z".parse().unwrap()),
         })
     }
 
@@ -338,6 +446,30 @@ mod tests {
             UserEvent::RoleRevoked(RoleRevoked {
                 role: "admin".into(),
             }),
+            UserEvent::ProfileChanged(ProfileChanged {
+                display_name: Some("Alice".into()),
+                locale: Some("en-GB".into()),
+                time_zone: None,
+                preferences: [("theme".to_owned(), serde_json::json!("dark"))].into(),
+            }),
+            UserEvent::EmailVerificationRequested(EmailVerificationRequested {
+                email: "alice@new.example".into(),
+                sealed_code: SealedCode::new("v1.sealed".into()),
+                expires_at: "2026-12-04T10:00:00Z".parse().unwrap(),
+            }),
+            UserEvent::EmailCodeFailed(EmailCodeFailed {}),
+            UserEvent::EmailVerified(EmailVerified {
+                email: "alice@new.example".into(),
+            }),
+            UserEvent::PasswordResetRequested(PasswordResetRequested {
+                email: "alice@example.com".into(),
+                sealed_code: SealedCode::new("v1.sealed".into()),
+                expires_at: "2026-12-04T10:00:00Z".parse().unwrap(),
+            }),
+            UserEvent::PasswordResetFailed(PasswordResetFailed {}),
+            UserEvent::PasswordReset(PasswordReset {
+                password_hash: PasswordHash::new("$argon2id$v=19$reset".into()),
+            }),
         ];
         assert_eq!(all.len(), UserEvent::TYPES.len(), "one example per type");
         for event in all {
@@ -348,8 +480,10 @@ mod tests {
     }
 
     #[test]
-    fn password_hash_never_shows_in_debug_output() {
-        assert!(!format!("{:?}", registered()).contains("$argon2"));
+    fn password_hash_and_sealed_code_never_show_in_debug_output() {
+        let shown = format!("{:?}", registered());
+        assert!(!shown.contains("$argon2"));
+        assert!(!shown.contains("v1.sealed"));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::domain::{self, DecodeError, RecordedEvent, UserEvent};
+use crate::view::Profile;
 
 pub const SPEC_VERSION: &str = "1.0";
 pub const CONTENT_TYPE: &str = "application/json";
@@ -46,6 +47,25 @@ pub enum PublicChange {
     RoleRevoked {
         role: String,
     },
+    /// The whole profile after the change.
+    ProfileChanged(Profile),
+    /// A code went to `email` (sealed in the log, not here).
+    EmailVerificationRequested {
+        email: String,
+        expires_at: DateTime<Utc>,
+    },
+    EmailCodeFailed,
+    EmailVerified {
+        email: String,
+    },
+    /// A reset code went to `email` (sealed in the log, not here).
+    PasswordResetRequested {
+        email: String,
+        expires_at: DateTime<Utc>,
+    },
+    PasswordResetFailed,
+    /// Only that it was reset: the hash stays on the write side.
+    PasswordReset,
 }
 
 /// One row of the `events_public` view (the log without secrets), as read.
@@ -102,6 +122,17 @@ struct LockedData {
 #[derive(Serialize, Deserialize)]
 struct RoleData {
     role: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EmailData {
+    email: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CodeSentData {
+    email: String,
+    expires_at: DateTime<Utc>,
 }
 
 /// The `data` of events that carry nothing public beyond their type.
@@ -223,6 +254,33 @@ public_types! {
     TYPE_ROLE_REVOKED = "user.role_revoked.v1", "RoleRevoked":
         PublicChange::RoleRevoked { role } => RoleData { role: role.clone() },
         |d: RoleData| PublicChange::RoleRevoked { role: d.role };
+    TYPE_PROFILE_CHANGED = "user.profile_changed.v1", "ProfileChanged":
+        PublicChange::ProfileChanged(profile) => profile,
+        |d: Profile| PublicChange::ProfileChanged(d);
+    TYPE_EMAIL_VERIFICATION_REQUESTED = "user.email_verification_requested.v1", "EmailVerificationRequested":
+        PublicChange::EmailVerificationRequested { email, expires_at } => CodeSentData {
+            email: email.clone(),
+            expires_at: *expires_at,
+        },
+        |d: CodeSentData| PublicChange::EmailVerificationRequested { email: d.email, expires_at: d.expires_at };
+    TYPE_EMAIL_CODE_FAILED = "user.email_code_failed.v1", "EmailCodeFailed":
+        PublicChange::EmailCodeFailed => NoData {},
+        |_d: NoData| PublicChange::EmailCodeFailed;
+    TYPE_EMAIL_VERIFIED = "user.email_verified.v1", "EmailVerified":
+        PublicChange::EmailVerified { email } => EmailData { email: email.clone() },
+        |d: EmailData| PublicChange::EmailVerified { email: d.email };
+    TYPE_PASSWORD_RESET_REQUESTED = "user.password_reset_requested.v1", "PasswordResetRequested":
+        PublicChange::PasswordResetRequested { email, expires_at } => CodeSentData {
+            email: email.clone(),
+            expires_at: *expires_at,
+        },
+        |d: CodeSentData| PublicChange::PasswordResetRequested { email: d.email, expires_at: d.expires_at };
+    TYPE_PASSWORD_RESET_FAILED = "user.password_reset_failed.v1", "PasswordResetFailed":
+        PublicChange::PasswordResetFailed => NoData {},
+        |_d: NoData| PublicChange::PasswordResetFailed;
+    TYPE_PASSWORD_RESET = "user.password_reset.v1", "PasswordReset":
+        PublicChange::PasswordReset => NoData {},
+        |_d: NoData| PublicChange::PasswordReset;
 }
 
 impl IntegrationEvent {
@@ -253,6 +311,21 @@ impl IntegrationEvent {
             UserEvent::RoleRevoked(e) => PublicChange::RoleRevoked {
                 role: e.role.clone(),
             },
+            UserEvent::ProfileChanged(e) => PublicChange::ProfileChanged(Profile::from(e)),
+            UserEvent::EmailVerificationRequested(e) => PublicChange::EmailVerificationRequested {
+                email: e.email.clone(),
+                expires_at: e.expires_at,
+            },
+            UserEvent::EmailCodeFailed(_) => PublicChange::EmailCodeFailed,
+            UserEvent::EmailVerified(e) => PublicChange::EmailVerified {
+                email: e.email.clone(),
+            },
+            UserEvent::PasswordResetRequested(e) => PublicChange::PasswordResetRequested {
+                email: e.email.clone(),
+                expires_at: e.expires_at,
+            },
+            UserEvent::PasswordResetFailed(_) => PublicChange::PasswordResetFailed,
+            UserEvent::PasswordReset(_) => PublicChange::PasswordReset,
         };
         Self {
             event_id: recorded.event_id,
@@ -338,7 +411,7 @@ impl IntegrationEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{PasswordHash, UserDeactivated, UserRegistered};
+    use crate::domain::{PasswordHash, SealedCode, UserDeactivated, UserRegistered};
 
     fn recorded(event: UserEvent) -> RecordedEvent {
         RecordedEvent {
@@ -357,10 +430,13 @@ mod tests {
             username: "alice".into(),
             email: "alice@example.com".into(),
             password_hash: PasswordHash::new("$argon2id$v=19$m=19456,t=2,p=1$salt$hash".into()),
+            sealed_code: Some(SealedCode::new("v1.sealed-code".into())),
+            code_expires_at: Some(Utc::now()),
         }));
         let public = IntegrationEvent::from_recorded(&stored);
         let body = public.body();
         assert!(!String::from_utf8_lossy(&body).contains("argon2"));
+        assert!(!String::from_utf8_lossy(&body).contains("sealed"));
 
         let headers = public.headers("urn:test");
         let get = |k: &str| headers.iter().find(|(n, _)| *n == k).unwrap().1.clone();
@@ -425,6 +501,8 @@ mod tests {
             username: "alice".into(),
             email: "alice@example.com".into(),
             password_hash: PasswordHash::new("$argon2id$v=19$secret".into()),
+            sealed_code: None,
+            code_expires_at: None,
         }));
         let mut payload = stored.event.payload();
         payload.as_object_mut().unwrap().remove("password_hash");

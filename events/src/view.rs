@@ -9,6 +9,9 @@ use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use std::collections::BTreeMap;
+
+use crate::domain::ProfileChanged;
 use crate::integration::{IntegrationEvent, PublicChange};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +38,31 @@ impl UserStatus {
     }
 }
 
+/// What a user tells about themself: all optional, set with
+/// `PATCH /users/{id}/profile`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Profile {
+    pub display_name: Option<String>,
+    /// A BCP 47 language tag.
+    pub locale: Option<String>,
+    /// An IANA time zone name.
+    pub time_zone: Option<String>,
+    /// Small client-defined settings: string keys, scalar values.
+    #[serde(default)]
+    pub preferences: BTreeMap<String, serde_json::Value>,
+}
+
+impl From<&ProfileChanged> for Profile {
+    fn from(e: &ProfileChanged) -> Self {
+        Self {
+            display_name: e.display_name.clone(),
+            locale: e.locale.clone(),
+            time_zone: e.time_zone.clone(),
+            preferences: e.preferences.clone(),
+        }
+    }
+}
+
 /// What the query API serves for one user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserView {
@@ -55,6 +83,11 @@ pub struct UserView {
     /// password is checked before this time (unless an administrator unlocks).
     #[serde(default)]
     pub locked_until: Option<DateTime<Utc>>,
+    /// Whether `email` was confirmed with a mailed code.
+    #[serde(default)]
+    pub email_verified: bool,
+    #[serde(default)]
+    pub profile: Profile,
 }
 
 impl UserView {
@@ -105,6 +138,8 @@ pub fn project(current: Option<&UserView>, event: &IntegrationEvent) -> Projecti
             updated_at: event.occurred_at,
             roles: Vec::new(),
             locked_until: None,
+            email_verified: false,
+            profile: Profile::default(),
         }),
         (Some(view), change) => {
             let mut next = UserView {
@@ -128,7 +163,19 @@ pub fn project(current: Option<&UserView>, event: &IntegrationEvent) -> Projecti
                     }
                 }
                 PublicChange::RoleRevoked { role } => next.roles.retain(|r| r != role),
-                PublicChange::PasswordCheckFailed
+                PublicChange::ProfileChanged(profile) => next.profile = profile.clone(),
+                PublicChange::EmailVerified { email } => {
+                    next.email = email.clone();
+                    next.email_verified = true;
+                }
+                // Proving control of the mailbox is as strong as the
+                // password the lock protects.
+                PublicChange::PasswordReset => next.locked_until = None,
+                PublicChange::EmailVerificationRequested { .. }
+                | PublicChange::EmailCodeFailed
+                | PublicChange::PasswordResetRequested { .. }
+                | PublicChange::PasswordResetFailed
+                | PublicChange::PasswordCheckFailed
                 | PublicChange::PasswordCheckSucceeded
                 | PublicChange::PasswordChanged
                 | PublicChange::PasswordRehashed => {}
@@ -245,6 +292,45 @@ mod tests {
         }
         assert_eq!(view.roles, ["admin"]);
         assert_eq!((view.locked_until, view.status), (None, UserStatus::Active));
+    }
+
+    #[test]
+    fn profile_email_and_reset_are_folded_into_the_view() {
+        let mut view = applied(project(None, &registered()));
+        assert!(!view.email_verified);
+        let profile = Profile {
+            display_name: Some("Alice".into()),
+            locale: Some("fr-CA".into()),
+            time_zone: Some("America/Toronto".into()),
+            preferences: [("theme".to_owned(), serde_json::json!("dark"))].into(),
+        };
+        let until: DateTime<Utc> = "2030-01-01T00:00:00Z".parse().unwrap();
+        let changes = [
+            PublicChange::ProfileChanged(profile.clone()),
+            PublicChange::EmailVerificationRequested {
+                email: "alice@new.example".into(),
+                expires_at: until,
+            },
+            PublicChange::EmailCodeFailed,
+            PublicChange::EmailVerified {
+                email: "alice@new.example".into(),
+            },
+            PublicChange::Locked { until },
+            PublicChange::PasswordResetRequested {
+                email: "alice@new.example".into(),
+                expires_at: until,
+            },
+            PublicChange::PasswordResetFailed,
+        ];
+        for (i, change) in changes.into_iter().enumerate() {
+            view = applied(project(Some(&view), &event(2 + i as i32, change)));
+        }
+        assert_eq!(view.profile, profile);
+        assert_eq!(view.email, "alice@new.example");
+        assert!(view.email_verified);
+        assert_eq!(view.locked_until, Some(until));
+        view = applied(project(Some(&view), &event(9, PublicChange::PasswordReset)));
+        assert_eq!((view.locked_until, view.version), (None, 9));
     }
 
     #[test]

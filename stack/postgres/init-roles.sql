@@ -6,6 +6,7 @@ CREATE ROLE userstream_owner LOGIN PASSWORD 'userstream_owner';
 CREATE ROLE userstream_command LOGIN PASSWORD 'userstream_command';
 CREATE ROLE userstream_projector LOGIN PASSWORD 'userstream_projector';
 CREATE ROLE userstream_query LOGIN PASSWORD 'userstream_query';
+CREATE ROLE userstream_notifier LOGIN PASSWORD 'userstream_notifier';
 -- The migrating owner hands the read-model tables to the projector.
 GRANT userstream_projector TO userstream_owner;
 ALTER DATABASE userstream OWNER TO userstream_owner;
