@@ -8,6 +8,11 @@ use platform::db::DatabaseSettings;
 use platform::kafka::KafkaClientSettings;
 use secrecy::SecretString;
 
+use std::sync::Arc;
+
+use events::codes::CodeKey;
+
+use crate::domain::password_reset::IssuePolicy;
 use crate::domain::sign_in::LockoutPolicy;
 use crate::tokens::TokenSettings;
 
@@ -36,6 +41,24 @@ pub struct Settings {
     pub kafka: KafkaSettings,
     pub relay: RelaySettings,
     pub identity: IdentitySettings,
+    pub codes: CodeSettings,
+}
+
+/// Codes that go by mail (email verification, password reset).
+#[derive(Debug, Clone)]
+pub struct CodeSettings {
+    /// `MAIL_CODE_KEY_FILE` (a file holding the key) or `MAIL_CODE_KEY`: 32
+    /// random bytes in base64 (`openssl rand -base64 32`), shared with the
+    /// notifier and nobody else; there is no built-in one.
+    pub key: Arc<CodeKey>,
+    /// `EMAIL_CODE_TTL_SECS`: how long an email verification code is valid,
+    /// default 24 h.
+    pub email_ttl: chrono::Duration,
+    /// `RESET_CODE_TTL_SECS` (default 1800) and `RESET_RESEND_SECS` (default
+    /// 60: no second reset mail to a user within this time).
+    pub reset: IssuePolicy,
+    /// `CODE_MAX_ATTEMPTS`: wrong tries of one code before it is dead, default 5.
+    pub max_attempts: u32,
 }
 
 /// Sign-in, tokens and lockout.
@@ -139,6 +162,7 @@ impl Settings {
                 client: KafkaClientSettings::from_env()?,
             },
             identity: IdentitySettings::from_env()?,
+            codes: CodeSettings::from_env()?,
             relay: RelaySettings {
                 enabled: parse("RELAY_ENABLED", true)?,
                 batch_size: parse("RELAY_BATCH_SIZE", 5000)?,
@@ -196,6 +220,43 @@ impl IdentitySettings {
                 max_failures: max_failures.max(1),
                 lock_for: chrono::Duration::seconds(parse::<i64>("LOCKOUT_SECONDS", 900)?.max(1)),
             },
+        })
+    }
+}
+
+impl CodeSettings {
+    fn from_env() -> Result<Self, InvalidSetting> {
+        let (name, encoded) = match (string("MAIL_CODE_KEY_FILE", ""), string("MAIL_CODE_KEY", "")) {
+            (path, _) if !path.is_empty() => ("MAIL_CODE_KEY_FILE", read_key("MAIL_CODE_KEY_FILE", &path)?),
+            (_, key) if !key.is_empty() => ("MAIL_CODE_KEY", key),
+            _ => {
+                return Err(InvalidSetting {
+                    name: "MAIL_CODE_KEY_FILE",
+                    value: String::new(),
+                    reason: "must name a file with the key that seals mailed codes (32 bytes, base64); there is no built-in one".into(),
+                })
+            }
+        };
+        let key = CodeKey::from_base64(&encoded).map_err(|error| InvalidSetting {
+            name,
+            value: "<hidden>".into(),
+            reason: error.to_string(),
+        })?;
+        let seconds = |name, default| -> Result<chrono::Duration, InvalidSetting> {
+            Ok(chrono::Duration::seconds(
+                parse::<i64>(name, default)?.max(1),
+            ))
+        };
+        Ok(Self {
+            key: Arc::new(key),
+            email_ttl: seconds("EMAIL_CODE_TTL_SECS", 86_400)?,
+            reset: IssuePolicy {
+                ttl: seconds("RESET_CODE_TTL_SECS", 1800)?,
+                resend_after: chrono::Duration::seconds(
+                    parse::<i64>("RESET_RESEND_SECS", 60)?.max(0),
+                ),
+            },
+            max_attempts: parse::<u32>("CODE_MAX_ATTEMPTS", 5)?.max(1),
         })
     }
 }

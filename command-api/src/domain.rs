@@ -1,6 +1,10 @@
 //! The user aggregate: its state is a fold of its stream, and every decision is
 //! the pure function [`decide`], so the rules are tested without any I/O.
 
+pub mod codes;
+pub mod email;
+pub mod password_reset;
+pub mod profile;
 pub mod roles;
 pub mod sign_in;
 
@@ -8,10 +12,12 @@ use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
 use events::domain::{
-    PasswordChanged, RoleGranted, RoleRevoked, UserDeactivated, UserReactivated, UserRegistered,
-    UserUnlocked,
+    PasswordChanged, ProfileChanged, RoleGranted, RoleRevoked, SealedCode, UserDeactivated,
+    UserReactivated, UserRegistered, UserUnlocked,
 };
 use events::{PasswordHash, UserEvent};
+
+use self::codes::MailedCode;
 
 /// What the write side knows of one user, rebuilt from their stream.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -27,6 +33,15 @@ pub struct User {
     /// The end of the last lock, unless an administrator lifted it.
     pub locked_until: Option<DateTime<Utc>>,
     pub roles: BTreeSet<String>,
+    /// The current address (normalised), reserved in `email_reservations`.
+    pub email: String,
+    pub email_verified: bool,
+    /// The outstanding email verification code: for the current address or
+    /// for the one the user asked to change to (then reserved as well).
+    pub email_code: Option<MailedCode>,
+    /// The outstanding password reset code.
+    pub reset_code: Option<MailedCode>,
+    pub profile: ProfileChanged,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -44,6 +59,9 @@ pub enum Command {
         username: String,
         email: String,
         password_hash: PasswordHash,
+        /// The code that will verify `email`, sealed for this user.
+        sealed_code: SealedCode,
+        code_expires_at: DateTime<Utc>,
     },
     Deactivate {
         reason: Option<String>,
@@ -86,6 +104,33 @@ pub enum DomainError {
     RoleAlreadyGranted,
     #[error("the user does not have this role")]
     RoleNotGranted,
+    #[error("this address is already the user's verified email")]
+    EmailUnchanged,
+}
+
+/// What a command decided: the events to append, and, when the command is
+/// refused all the same, why. A wrong code is both: its failure is recorded
+/// (it counts towards the limit) and the caller is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision<R> {
+    pub events: Vec<UserEvent>,
+    pub refusal: Option<R>,
+}
+
+impl<R> Decision<R> {
+    pub fn accept(events: Vec<UserEvent>) -> Self {
+        Self {
+            events,
+            refusal: None,
+        }
+    }
+
+    pub fn refuse(refusal: R) -> Self {
+        Self {
+            events: Vec::new(),
+            refusal: Some(refusal),
+        }
+    }
 }
 
 impl User {
@@ -101,6 +146,12 @@ impl User {
             UserEvent::Registered(e) => {
                 self.status = Status::Active;
                 self.password_hash = Some(e.password_hash.clone());
+                self.email = e.email.clone();
+                self.email_code = e
+                    .sealed_code
+                    .clone()
+                    .zip(e.code_expires_at)
+                    .map(|(sealed, expires_at)| MailedCode::new(&e.email, sealed, expires_at));
             }
             UserEvent::Reactivated(_) => self.status = Status::Active,
             UserEvent::Deactivated(_) => self.status = Status::Deactivated,
@@ -117,6 +168,8 @@ impl User {
             UserEvent::PasswordChanged(e) => {
                 self.password_hash = Some(e.password_hash.clone());
                 self.failed_checks = 0;
+                // A reset code asked for before is no longer wanted.
+                self.reset_code = None;
             }
             UserEvent::PasswordRehashed(e) => self.password_hash = Some(e.password_hash.clone()),
             UserEvent::RoleGranted(e) => {
@@ -124,6 +177,43 @@ impl User {
             }
             UserEvent::RoleRevoked(e) => {
                 self.roles.remove(&e.role);
+            }
+            UserEvent::ProfileChanged(e) => self.profile = e.clone(),
+            UserEvent::EmailVerificationRequested(e) => {
+                self.email_code = Some(MailedCode::new(
+                    &e.email,
+                    e.sealed_code.clone(),
+                    e.expires_at,
+                ));
+            }
+            UserEvent::EmailCodeFailed(_) => {
+                if let Some(code) = &mut self.email_code {
+                    code.failures += 1;
+                }
+            }
+            UserEvent::EmailVerified(e) => {
+                self.email = e.email.clone();
+                self.email_verified = true;
+                self.email_code = None;
+            }
+            UserEvent::PasswordResetRequested(e) => {
+                self.reset_code = Some(MailedCode::new(
+                    &e.email,
+                    e.sealed_code.clone(),
+                    e.expires_at,
+                ));
+            }
+            UserEvent::PasswordResetFailed(_) => {
+                if let Some(code) = &mut self.reset_code {
+                    code.failures += 1;
+                }
+            }
+            UserEvent::PasswordReset(e) => {
+                self.password_hash = Some(e.password_hash.clone());
+                self.reset_code = None;
+                // Control of the mailbox outweighs the lock (ARCHITECTURE.md, "Mail").
+                self.locked_until = None;
+                self.failed_checks = 0;
             }
         }
         self
@@ -149,11 +239,15 @@ pub fn decide(
                 username,
                 email,
                 password_hash,
+                sealed_code,
+                code_expires_at,
             },
         ) => Ok(vec![UserEvent::Registered(UserRegistered {
             username,
             email,
             password_hash,
+            sealed_code: Some(sealed_code),
+            code_expires_at: Some(code_expires_at),
         })]),
         (_, Command::Register { .. }) => Err(DomainError::AlreadyRegistered),
         (Status::Unregistered, _) => Err(DomainError::NotFound),
@@ -204,6 +298,8 @@ mod tests {
             username: "alice".into(),
             email: "alice@example.com".into(),
             password_hash: PasswordHash::new("$argon2id$test".into()),
+            sealed_code: Some(SealedCode::new("v1.sealed".into())),
+            code_expires_at: Some("2030-01-01T00:00:00Z".parse().unwrap()),
         })
     }
 
@@ -216,6 +312,8 @@ mod tests {
             username: "alice".into(),
             email: "alice@example.com".into(),
             password_hash: PasswordHash::new("$argon2id$test".into()),
+            sealed_code: SealedCode::new("v1.sealed".into()),
+            code_expires_at: "2030-01-01T00:00:00Z".parse().unwrap(),
         }
     }
 

@@ -35,7 +35,7 @@ const MAX_ATTEMPTS: usize = 3;
 #[derive(Debug)]
 pub enum Checked {
     /// The password is right; `user` is the state after recording it.
-    Passed(User),
+    Passed(Box<User>),
     /// Wrong password, or no password was checked (why is for logs only:
     /// every refusal answers the same).
     Refused(Refusal),
@@ -166,7 +166,7 @@ impl SignIn {
             }
             let after = events.iter().fold(user, User::evolve);
             return Ok(if passed {
-                Checked::Passed(after)
+                Checked::Passed(Box::new(after))
             } else {
                 Checked::Failed
             });

@@ -133,6 +133,8 @@ impl Application {
             store: store.clone(),
             hasher,
             admin_token: Arc::new(settings.admin_token.clone()),
+            codes: settings.codes.clone(),
+            reset_requests: Default::default(),
             keys: Arc::new(keys),
             sessions: sessions.clone(),
             sign_in,

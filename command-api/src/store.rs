@@ -13,6 +13,40 @@ use uuid::Uuid;
 
 use crate::sessions::Revoke;
 
+/// What an append does to the user's reserved email addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Emails {
+    /// Nothing: most commands.
+    #[default]
+    Unchanged,
+    /// A code went out: reserve `email` (a new address) until `until`, and
+    /// release any other outstanding change's address. `None` when the code
+    /// went to the current address.
+    Reserve {
+        email: Option<String>,
+        until: chrono::DateTime<chrono::Utc>,
+    },
+    /// A change was confirmed: `email` becomes the current address, and the
+    /// old one is released.
+    Swap { email: String },
+}
+
+/// What an append changes besides the log, in the same transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Effects {
+    pub revoke: Revoke,
+    pub emails: Emails,
+}
+
+impl From<Revoke> for Effects {
+    fn from(revoke: Revoke) -> Self {
+        Self {
+            revoke,
+            emails: Emails::Unchanged,
+        }
+    }
+}
+
 /// Where an append landed: the consistency token returned to clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
@@ -75,7 +109,7 @@ fn on_constraint(error: sqlx::Error) -> AppendError {
         .and_then(PgDatabaseError::constraint);
     match constraint {
         Some("user_identities_username_key") => AppendError::UsernameTaken,
-        Some("user_identities_email_key") => AppendError::EmailTaken,
+        Some("user_identities_email_key" | "email_reservations_pkey") => AppendError::EmailTaken,
         Some("events_stream_version_key") => AppendError::VersionConflict,
         _ => AppendError::Database(error),
     }
@@ -139,6 +173,7 @@ impl EventStore {
             .execute(&mut *tx)
             .await
             .map_err(on_constraint)?;
+        reserve_email(&mut tx, user_id, email, None).await?;
         let appended = insert_events(&mut tx, user_id, 0, events, metadata).await?;
         if let Some(claim) = claim {
             record_answer(&mut tx, claim, appended).await?;
@@ -149,8 +184,9 @@ impl EventStore {
 
     /// Appends `events` after `expected_version`; fails with
     /// [`AppendError::VersionConflict`] when someone else appended first.
-    /// Sessions are revoked as `revoke` says in the same transaction.
-    #[tracing::instrument(name = "sql_append", skip(self, events, metadata, claim))]
+    /// Sessions and email reservations change as `effects` says, in the
+    /// same transaction.
+    #[tracing::instrument(name = "sql_append", skip(self, events, metadata, claim, effects))]
     pub async fn append(
         &self,
         stream_id: Uuid,
@@ -158,8 +194,9 @@ impl EventStore {
         events: &[UserEvent],
         metadata: &EventMetadata,
         claim: Option<&IdempotencyClaim>,
-        revoke: Revoke,
+        effects: impl Into<Effects>,
     ) -> Result<Appended, AppendError> {
+        let Effects { revoke, emails } = effects.into();
         let mut tx = self.pool.begin().await?;
         if let Some(claim) = claim {
             claim_key(&mut tx, claim, stream_id).await?;
@@ -167,6 +204,7 @@ impl EventStore {
         let appended =
             insert_events(&mut tx, stream_id, expected_version, events, metadata).await?;
         crate::sessions::revoke_in(&mut tx, stream_id, revoke).await?;
+        change_emails(&mut tx, stream_id, &emails).await?;
         if let Some(claim) = claim {
             record_answer(&mut tx, claim, appended).await?;
         }
@@ -182,7 +220,8 @@ impl EventStore {
     pub async fn identity_taken(&self, username: &str, email: &str) -> Result<Taken, sqlx::Error> {
         let row: TakenRow = sqlx::query_as(
             "SELECT EXISTS (SELECT 1 FROM user_identities WHERE username = $1) AS username, \
-                    EXISTS (SELECT 1 FROM user_identities WHERE email = $2) AS email",
+                    EXISTS (SELECT 1 FROM email_reservations WHERE email = $2 \
+                            AND (expires_at IS NULL OR expires_at > now())) AS email",
         )
         .bind(username)
         .bind(email)
@@ -388,6 +427,89 @@ async fn record_answer(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// Reserves `email` for `user_id`: for good (`until` None, a current
+/// address) or until a change's code runs out. An address held by another
+/// user is taken, unless only by a change whose code has run out.
+#[tracing::instrument(name = "sql_reserve_email", skip_all, fields(%user_id))]
+async fn reserve_email(
+    tx: &mut Transaction<'_, Postgres>,
+    user_id: Uuid,
+    email: &str,
+    until: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<(), AppendError> {
+    let held: Option<Uuid> = sqlx::query_scalar(
+        "INSERT INTO email_reservations (email, user_id, expires_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (email) DO UPDATE SET user_id = EXCLUDED.user_id, \
+             expires_at = CASE WHEN email_reservations.user_id = EXCLUDED.user_id \
+                                    AND email_reservations.expires_at IS NULL \
+                               THEN NULL ELSE EXCLUDED.expires_at END \
+         WHERE email_reservations.user_id = EXCLUDED.user_id \
+            OR email_reservations.expires_at <= now() \
+         RETURNING user_id",
+    )
+    .bind(email)
+    .bind(user_id)
+    .bind(until)
+    .fetch_optional(&mut **tx)
+    .await?;
+    match held {
+        Some(_) => Ok(()),
+        None => Err(AppendError::EmailTaken),
+    }
+}
+
+/// Applies [`Emails`] in the appending transaction.
+#[tracing::instrument(name = "sql_change_emails", skip(tx))]
+async fn change_emails(
+    tx: &mut Transaction<'_, Postgres>,
+    user_id: Uuid,
+    emails: &Emails,
+) -> Result<(), AppendError> {
+    match emails {
+        Emails::Unchanged => Ok(()),
+        Emails::Reserve { email, until } => {
+            // Only one change is outstanding at a time: release the others.
+            sqlx::query(
+                "DELETE FROM email_reservations \
+                 WHERE user_id = $1 AND expires_at IS NOT NULL AND email IS DISTINCT FROM $2",
+            )
+            .bind(user_id)
+            .bind(email.as_deref())
+            .execute(&mut **tx)
+            .await?;
+            match email {
+                Some(email) => reserve_email(tx, user_id, email, Some(*until)).await,
+                None => Ok(()),
+            }
+        }
+        Emails::Swap { email } => {
+            let kept = sqlx::query(
+                "UPDATE email_reservations SET expires_at = NULL WHERE email = $1 AND user_id = $2",
+            )
+            .bind(email)
+            .bind(user_id)
+            .execute(&mut **tx)
+            .await?;
+            if kept.rows_affected() != 1 {
+                // Taken by someone else after this change's reservation ran out.
+                return Err(AppendError::EmailTaken);
+            }
+            sqlx::query("DELETE FROM email_reservations WHERE user_id = $1 AND email <> $2")
+                .bind(user_id)
+                .bind(email)
+                .execute(&mut **tx)
+                .await?;
+            sqlx::query("UPDATE user_identities SET email = $1 WHERE user_id = $2")
+                .bind(email)
+                .bind(user_id)
+                .execute(&mut **tx)
+                .await
+                .map_err(on_constraint)?;
+            Ok(())
+        }
+    }
 }
 
 #[tracing::instrument(name = "sql_insert_events", skip_all, fields(count = events.len()))]

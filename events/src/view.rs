@@ -98,6 +98,9 @@ impl UserView {
 }
 
 /// What one event does to a view.
+// A projection is consumed as soon as it is made; boxing the view would cost
+// an allocation per event for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Projection {
     /// The event is the next one: this is the new view.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::{Running, TEST_ADMIN_TOKEN};
+use crate::{Running, Service, TestEnv, TEST_ADMIN_TOKEN};
 
 /// The Ed25519 key the command APIs of tests sign access tokens with.
 /// TEST KEY ONLY: generated for this repository's tests, never used anywhere else.
@@ -13,6 +13,10 @@ pub const TEST_SIGNING_KEY: &str = "-----BEGIN PRIVATE KEY-----
 MC4CAQAwBQYDK2VwBCIEIHTlCtD2pg6j+YyztTIam7Ap4u7cfBolXamS/5LFyrzD
 -----END PRIVATE KEY-----
 ";
+
+/// The key command APIs and notifiers of tests seal mailed codes with
+/// (`MAIL_CODE_KEY`). TEST KEY ONLY, never used anywhere else.
+pub const TEST_MAIL_CODE_KEY: &str = "dGVzdC1vbmx5LW1haWwtY29kZS1rZXktMzItYnl0ZXM=";
 
 /// The password of users the helpers register.
 pub const PASSWORD: &str = "correct horse battery staple";
@@ -118,4 +122,121 @@ pub async fn kept_admin(http: &reqwest::Client, api: &Running) -> Admin {
     let admin = make_admin(http, api).await;
     admins.insert(key, admin.clone());
     admin
+}
+
+/// A command API of its own (relay off) on a fresh database, and a client.
+pub struct Api {
+    pub env: TestEnv,
+    pub service: Running,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub async fn start(extra: &[(&str, &str)]) -> Self {
+        let env = TestEnv::new().await;
+        let mut vars = vec![("RELAY_ENABLED", "false")];
+        vars.extend_from_slice(extra);
+        let service = env.spawn(Service::CommandApi, &vars).await;
+        Self {
+            env,
+            service,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn user(&self) -> (Uuid, String) {
+        let name = format!("u{}", &Uuid::new_v4().simple().to_string()[..12]);
+        (register(&self.http, &self.service, &name).await, name)
+    }
+
+    pub async fn token(&self, form: &[(&str, &str)]) -> (u16, reqwest::header::HeaderMap, Value) {
+        let response = self
+            .http
+            .post(self.service.url("/oauth/token"))
+            .form(form)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        (
+            status,
+            headers,
+            response.json().await.unwrap_or(Value::Null),
+        )
+    }
+
+    pub async fn refresh(&self, refresh_token: &str) -> (u16, Value) {
+        let (status, _, body) = self
+            .token(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token),
+            ])
+            .await;
+        (status, body)
+    }
+
+    pub async fn verifies(&self) -> f64 {
+        self.service
+            .metric("argon2_operations_total{op=\"verify\"}")
+            .await
+    }
+
+    pub async fn event_types(&self, id: Uuid) -> Vec<String> {
+        sqlx::query_scalar(
+            "SELECT event_type FROM events WHERE stream_id = $1 ORDER BY stream_version",
+        )
+        .bind(id)
+        .fetch_all(&self.env.pool)
+        .await
+        .unwrap()
+    }
+
+    pub async fn post_as(&self, token: &str, path: &str, body: Value) -> (u16, Value) {
+        let response = self
+            .http
+            .post(self.service.url(path))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+}
+
+/// The error code of an answer in the API's error shape.
+pub fn code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("")
+}
+
+/// The code last sealed in `user_id`'s stream for `purpose`, opened with
+/// [`TEST_MAIL_CODE_KEY`]: what the notifier would mail.
+pub async fn last_code(
+    pool: &sqlx::PgPool,
+    user_id: Uuid,
+    purpose: events::codes::Purpose,
+) -> String {
+    let event_type = match purpose {
+        events::codes::Purpose::PasswordReset => vec!["PasswordResetRequested"],
+        events::codes::Purpose::EmailVerification => {
+            vec!["UserRegistered", "EmailVerificationRequested"]
+        }
+    };
+    let sealed: String = sqlx::query_scalar(
+        "SELECT payload ->> 'sealed_code' FROM events \
+         WHERE stream_id = $1 AND event_type = ANY($2) AND payload ? 'sealed_code' \
+         ORDER BY stream_version DESC LIMIT 1",
+    )
+    .bind(user_id)
+    .bind(&event_type)
+    .fetch_one(pool)
+    .await
+    .expect("a sealed code in the stream");
+    let key = events::codes::CodeKey::from_base64(TEST_MAIL_CODE_KEY).unwrap();
+    key.open(purpose, user_id, &events::domain::SealedCode::new(sealed))
+        .expect("sealed with the test key")
+        .expose()
+        .to_owned()
 }

@@ -127,6 +127,7 @@ impl TestEnv {
             ("KAFKA_GROUP_ID", self.group_id.clone()),
             ("ADMIN_TOKEN", TEST_ADMIN_TOKEN.to_owned()),
             ("JWT_SIGNING_KEY", identity::TEST_SIGNING_KEY.to_owned()),
+            ("MAIL_CODE_KEY", identity::TEST_MAIL_CODE_KEY.to_owned()),
             // Admin tokens are made once per command API and kept.
             ("ACCESS_TOKEN_TTL_SECS", "3600".to_owned()),
             ("BIND_ADDR", "127.0.0.1:0".to_owned()),

@@ -8,95 +8,10 @@ use std::collections::BTreeSet;
 use futures::future::join_all;
 use serde_json::{json, Value};
 use userstream_tests::identity::{
-    grant_with_bootstrap, make_admin, password_grant, register, sign_in, Admin, PASSWORD,
+    code, grant_with_bootstrap, make_admin, password_grant, sign_in, Admin, Api, PASSWORD,
 };
-use userstream_tests::{Running, Service, TestEnv, TEST_ADMIN_TOKEN};
+use userstream_tests::TEST_ADMIN_TOKEN;
 use uuid::Uuid;
-
-struct Api {
-    env: TestEnv,
-    service: Running,
-    http: reqwest::Client,
-}
-
-impl Api {
-    async fn start(extra: &[(&str, &str)]) -> Self {
-        let env = TestEnv::new().await;
-        let mut vars = vec![("RELAY_ENABLED", "false")];
-        vars.extend_from_slice(extra);
-        let service = env.spawn(Service::CommandApi, &vars).await;
-        Self {
-            env,
-            service,
-            http: reqwest::Client::new(),
-        }
-    }
-
-    async fn user(&self) -> (Uuid, String) {
-        let name = format!("u{}", &Uuid::new_v4().simple().to_string()[..12]);
-        (register(&self.http, &self.service, &name).await, name)
-    }
-
-    async fn token(&self, form: &[(&str, &str)]) -> (u16, reqwest::header::HeaderMap, Value) {
-        let response = self
-            .http
-            .post(self.service.url("/oauth/token"))
-            .form(form)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        (
-            status,
-            headers,
-            response.json().await.unwrap_or(Value::Null),
-        )
-    }
-
-    async fn refresh(&self, refresh_token: &str) -> (u16, Value) {
-        let (status, _, body) = self
-            .token(&[
-                ("grant_type", "refresh_token"),
-                ("refresh_token", refresh_token),
-            ])
-            .await;
-        (status, body)
-    }
-
-    async fn verifies(&self) -> f64 {
-        self.service
-            .metric("argon2_operations_total{op=\"verify\"}")
-            .await
-    }
-
-    async fn event_types(&self, id: Uuid) -> Vec<String> {
-        sqlx::query_scalar(
-            "SELECT event_type FROM events WHERE stream_id = $1 ORDER BY stream_version",
-        )
-        .bind(id)
-        .fetch_all(&self.env.pool)
-        .await
-        .unwrap()
-    }
-
-    async fn post_as(&self, token: &str, path: &str, body: Value) -> (u16, Value) {
-        let response = self
-            .http
-            .post(self.service.url(path))
-            .bearer_auth(token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
-    }
-}
-
-fn code(body: &Value) -> &str {
-    body["error"]["code"].as_str().unwrap_or("")
-}
 
 #[tokio::test]
 async fn a_password_grant_issues_an_rfc_9068_token_that_verifies_with_the_jwks() {

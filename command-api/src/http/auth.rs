@@ -57,6 +57,19 @@ impl FromRequestParts<AppState> for Principal {
     }
 }
 
+/// Who acts on the user `target`'s own data (profile, email): the user
+/// themself, or an active administrator. Returns the actor to record.
+pub async fn self_or_admin(
+    principal: Principal,
+    target: Uuid,
+    state: &AppState,
+) -> Result<String, ApiError> {
+    if principal.user_id() == target {
+        return Ok(target.to_string());
+    }
+    Ok(Admin::check(principal, state).await?.actor())
+}
+
 /// An active administrator acting with their access token.
 #[derive(Debug, Clone)]
 pub struct Admin(Principal);

@@ -4,8 +4,9 @@
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use events::domain::EventMetadata;
+use events::UserEvent;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -14,7 +15,7 @@ use super::idempotency::{self, Caller, Idempotent};
 use super::AppState;
 use crate::domain::{decide, Command, User};
 use crate::sessions::Revoke;
-use crate::store::{AppendError, StoredAnswer};
+use crate::store::{AppendError, Effects, Emails, StoredAnswer};
 
 /// How often a command re-reads the stream and decides again after losing
 /// an append race, before answering 409 `concurrent_modification`.
@@ -113,13 +114,48 @@ fn if_match(headers: &HeaderMap) -> Option<IfMatch> {
     Some(IfMatch::Versions(versions))
 }
 
-/// Load, check the precondition, decide, append. Without `If-Match`, a lost
-/// race is decided again on the fresh stream; with it, a lost race is a 412.
-/// The command's events are decided at the time of each attempt.
+/// What one attempt of a command decided on the state it loaded.
+pub(crate) struct Decided {
+    pub events: Vec<UserEvent>,
+    /// Set when the caller is refused even though `events` are appended (a
+    /// wrong code's failure is recorded, then the caller hears no).
+    pub refusal: Option<ApiError>,
+    /// Reservations to change with the append.
+    pub emails: Emails,
+}
+
+impl Decided {
+    pub fn accept(events: Vec<UserEvent>) -> Self {
+        Self {
+            events,
+            refusal: None,
+            emails: Emails::Unchanged,
+        }
+    }
+}
+
+/// Load, check the precondition, decide, append: [`run_decision`] for a
+/// command of the core rules ([`decide`]).
 pub(crate) async fn run_command(
     state: &AppState,
     request: CommandRequest<'_>,
     command: impl Fn() -> Command,
+) -> Result<Response, ApiError> {
+    run_decision(state, request, |user, now| {
+        Ok(Decided::accept(decide(user, command(), now)?))
+    })
+    .await
+}
+
+/// Load, check the precondition, decide, append. Without `If-Match`, a lost
+/// race is decided again on the fresh stream; with it, a lost race is a 412.
+/// The command's events are decided at the time of each attempt. A decision
+/// with a refusal appends its events without the idempotency claim and
+/// without ending sessions, then answers the refusal.
+pub(crate) async fn run_decision(
+    state: &AppState,
+    request: CommandRequest<'_>,
+    decide: impl Fn(&User, DateTime<Utc>) -> Result<Decided, ApiError>,
 ) -> Result<Response, ApiError> {
     let CommandRequest {
         id,
@@ -153,12 +189,28 @@ pub(crate) async fn run_command(
                 });
             }
         }
-        let events = decide(&user, command(), Utc::now())?;
+        let Decided {
+            events,
+            refusal,
+            emails,
+        } = decide(&user, Utc::now())?;
+        let refusal = match refusal {
+            Some(refusal) if events.is_empty() => return Err(refusal),
+            other => other,
+        };
+        let (claim, effects) = match refusal {
+            None => (claim.as_ref(), Effects { revoke, emails }),
+            Some(_) => (None, Effects::from(Revoke::Nothing)),
+        };
         match state
             .store
-            .append(id, user.version, &events, &metadata, claim.as_ref(), revoke)
+            .append(id, user.version, &events, &metadata, claim, effects)
             .await
         {
+            Ok(_) if refusal.is_some() => {
+                tracing::info!(route, "refusal recorded");
+                return Err(refusal.expect("checked just above"));
+            }
             Ok(appended) => {
                 tracing::info!(version = appended.version, route, "command accepted");
                 let accepted = Accepted {

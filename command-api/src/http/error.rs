@@ -7,6 +7,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use platform::http::error_response;
 
+use crate::domain::codes::CodeRefusal;
 use crate::domain::DomainError;
 use crate::password::HashError;
 use crate::store::{AppendError, LoadError};
@@ -58,6 +59,12 @@ pub enum ApiError {
     /// 409: an administrator tried to deactivate themself or drop their own admin role.
     #[error("administrators cannot deactivate themselves or give up their own admin role")]
     OwnAccount,
+    /// 409: a profile patch would leave more preferences than allowed.
+    #[error("the preferences would have more than {max} keys", max = crate::domain::profile::PREFERENCES_MAX)]
+    TooManyPreferences,
+    /// 400: a mailed code was not accepted.
+    #[error("{0}")]
+    Code(CodeRefusal),
     /// 409: other commands kept winning the race for this user.
     #[error("the user was changed concurrently; retry")]
     ConcurrentModification,
@@ -99,7 +106,8 @@ impl ApiError {
             Self::MalformedJson(_)
             | Self::InvalidId
             | Self::InvalidQuery(_)
-            | Self::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
+            | Self::InvalidHeader { .. }
+            | Self::Code(_) => StatusCode::BAD_REQUEST,
             Self::Unauthenticated | Self::InvalidToken => StatusCode::UNAUTHORIZED,
             Self::Forbidden | Self::WrongPassword | Self::AccountLocked => StatusCode::FORBIDDEN,
             Self::UserNotFound => StatusCode::NOT_FOUND,
@@ -107,6 +115,7 @@ impl ApiError {
             | Self::EmailTaken
             | Self::StateConflict(_)
             | Self::OwnAccount
+            | Self::TooManyPreferences
             | Self::ConcurrentModification => StatusCode::CONFLICT,
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -138,6 +147,11 @@ impl ApiError {
             Self::StateConflict(DomainError::Deactivated) => "user_deactivated",
             Self::StateConflict(DomainError::RoleAlreadyGranted) => "role_already_granted",
             Self::StateConflict(DomainError::RoleNotGranted) => "role_not_granted",
+            Self::StateConflict(DomainError::EmailUnchanged) => "email_unchanged",
+            Self::TooManyPreferences => "too_many_preferences",
+            Self::Code(CodeRefusal::Invalid) => "invalid_code",
+            Self::Code(CodeRefusal::Expired) => "code_expired",
+            Self::Code(CodeRefusal::TooManyAttempts) => "too_many_attempts",
             Self::StateConflict(_) => "conflict",
             Self::OwnAccount => "own_account",
             Self::ConcurrentModification => "concurrent_modification",

@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod commands;
+pub mod email;
 pub mod error;
 pub mod history;
 pub mod idempotency;
@@ -10,6 +11,8 @@ pub mod oauth;
 pub mod openapi;
 pub mod ops;
 pub mod password;
+pub mod password_reset;
+pub mod profile;
 pub mod rate_limit;
 pub mod roles;
 pub mod users;
@@ -22,6 +25,7 @@ use axum::routing::get;
 use axum::Router;
 use secrecy::SecretString;
 
+use crate::config::CodeSettings;
 use crate::password::Hasher;
 use crate::relay::RelayStatus;
 use crate::sessions::Sessions;
@@ -42,6 +46,10 @@ pub struct AppState {
     pub sign_in: SignIn,
     pub relay: RelayStatus,
     pub idempotency_ttl: Duration,
+    /// The key that seals mailed codes, their lifetimes and attempt limit.
+    pub codes: CodeSettings,
+    /// Reset requests being worked on after their 202.
+    pub reset_requests: password_reset::ResetRequests,
     pub registration_limiter: rate_limit::RegistrationLimiter,
     /// The background tasks, for `/readyz`.
     pub tasks: platform::tasks::Tasks,
@@ -52,6 +60,9 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .merge(users::router())
         .merge(oauth::router())
         .merge(password::router())
+        .merge(password_reset::router())
+        .merge(profile::router())
+        .merge(email::router())
         .merge(roles::router())
         .merge(history::router())
         .route("/healthz", get(ops::healthz))

@@ -9,13 +9,15 @@ use utoipa::{Modify, OpenApi};
 
 use super::commands::Accepted;
 use super::users::{RegisterRequest, StatusRequest};
+use crate::domain::profile;
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "userstream command API",
         description = "Write side of userstream: register users, sign them in (OAuth 2.0), \
-change passwords, status, locks and roles, and read a user's history. Errors answer \
+change passwords (or reset them by a mailed code), profiles and email addresses (verified by a \
+mailed code), status, locks and roles, and read a user's history. Errors answer \
 `{\"error\":{\"code\",\"message\",\"fields\"}}`, except on the OAuth endpoints, which answer \
 RFC 6749's `{\"error\",\"error_description\"}`.",
     ),
@@ -25,6 +27,11 @@ RFC 6749's `{\"error\",\"error_description\"}`.",
         super::users::reactivate,
         super::users::unlock,
         super::password::change,
+        super::profile::change,
+        super::email::request,
+        super::email::verify,
+        super::password_reset::request,
+        super::password_reset::complete,
         super::roles::grant,
         super::roles::revoke,
         super::history::history,
@@ -43,6 +50,12 @@ RFC 6749's `{\"error\",\"error_description\"}`.",
         ErrorBody,
         ErrorDetail,
         super::password::ChangePasswordRequest,
+        super::profile::ProfilePatch,
+        super::email::EmailRequest,
+        super::email::VerifyRequest,
+        super::password_reset::ResetRequest,
+        super::password_reset::ResetRequested,
+        super::password_reset::CompleteReset,
         super::roles::GrantRequest,
         super::history::HistoryPage,
         super::history::HistoryEvent,
@@ -120,5 +133,26 @@ pub fn document() -> serde_json::Value {
         })
         .collect();
     doc["paths"]["/users"]["post"]["responses"]["201"]["links"] = links.into();
+    // The time zones this build knows, exactly (utoipa has no runtime enum).
+    let zones: Vec<serde_json::Value> = chrono_tz::TZ_VARIANTS
+        .iter()
+        .map(|zone| zone.name().into())
+        .chain([serde_json::Value::Null])
+        .collect();
+    let patch = &mut doc["components"]["schemas"]["ProfilePatch"];
+    patch["properties"]["time_zone"]["enum"] = zones.into();
+    patch["additionalProperties"] = false.into();
+    patch["properties"]["preferences"] = serde_json::json!({
+        "type": ["object", "null"],
+        "description": patch["properties"]["preferences"]["description"],
+        "maxProperties": profile::PREFERENCES_MAX,
+        "propertyNames": { "pattern": profile::PREFERENCE_KEY_PATTERN },
+        "additionalProperties": { "anyOf": [
+            { "type": "string", "maxLength": profile::PREFERENCE_STRING_MAX },
+            { "type": "number" },
+            { "type": "boolean" },
+            { "type": "null" },
+        ]},
+    });
     doc
 }

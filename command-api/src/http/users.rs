@@ -6,6 +6,7 @@ use axum::response::Response;
 use axum::routing::post;
 use axum::Router;
 use chrono::Utc;
+use events::codes::{Code, Purpose};
 use events::UserEvent;
 use platform::http::ErrorBody;
 use secrecy::SecretString;
@@ -74,7 +75,8 @@ pub struct StatusRequest {
     pub reason: Option<String>,
 }
 
-/// Registers a user: appends UserRegistered.
+/// Registers a user: appends UserRegistered, with a code that verifies the
+/// email address; the notifier mails it in the welcome mail.
 #[utoipa::path(post, path = "/users", tag = "users",
     request_body(content = RegisterRequest, content_type = "application/json"),
     params(
@@ -144,14 +146,19 @@ pub(crate) async fn register(
 
     let password_hash = slot.hash(password.clone()).await?;
     let id = Uuid::now_v7();
+    // The code that verifies the address, mailed by the notifier.
+    let code = Code::generate();
+    let now = Utc::now();
     let events = decide(
         &User::default(),
         Command::Register {
             username: username.clone(),
             email: email.clone(),
             password_hash,
+            sealed_code: state.codes.key.seal(Purpose::EmailVerification, id, &code),
+            code_expires_at: now + state.codes.email_ttl,
         },
-        Utc::now(),
+        now,
     )?;
     let claim = idempotent
         .as_ref()
