@@ -38,7 +38,7 @@ const VERIFY_ROUTE: &str = "POST /users/{id}/email/verify";
 pub struct EmailRequest {
     /// A new address to change to, or the current one (unverified) to get a
     /// new code. Stored normalised (trimmed, ASCII lower-case).
-    #[schema(example = "alice@example.com", max_length = 254)]
+    #[schema(example = "alice@example.com")]
     pub email: String,
 }
 

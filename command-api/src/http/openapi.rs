@@ -139,6 +139,12 @@ pub fn document() -> serde_json::Value {
         .map(|zone| zone.name().into())
         .chain([serde_json::Value::Null])
         .collect();
+    // Every email field accepts exactly what registration does.
+    let email = doc["components"]["schemas"]["RegisterRequest"]["properties"]["email"].clone();
+    for schema in ["EmailRequest", "ResetRequest", "CompleteReset"] {
+        let field = &mut doc["components"]["schemas"][schema]["properties"]["email"];
+        field["pattern"] = email["pattern"].clone();
+    }
     let patch = &mut doc["components"]["schemas"]["ProfilePatch"];
     patch["properties"]["time_zone"]["enum"] = zones.into();
     patch["additionalProperties"] = false.into();

@@ -59,7 +59,7 @@ impl Default for ResetRequests {
 #[serde(deny_unknown_fields)]
 pub struct ResetRequest {
     /// The account's email address.
-    #[schema(example = "alice@example.com", max_length = 254)]
+    #[schema(example = "alice@example.com")]
     pub email: String,
 }
 
@@ -75,7 +75,7 @@ pub struct ResetRequested {
 #[serde(deny_unknown_fields)]
 pub struct CompleteReset {
     /// The address the code went to.
-    #[schema(example = "alice@example.com", max_length = 254)]
+    #[schema(example = "alice@example.com")]
     pub email: String,
     /// The code from the mail: 8 digits (spaces and hyphens are ignored).
     #[schema(example = "12345678", max_length = 64)]
