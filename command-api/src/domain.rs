@@ -125,6 +125,16 @@ impl User {
             UserEvent::RoleRevoked(e) => {
                 self.roles.remove(&e.role);
             }
+            // Placeholder so the workspace compiles on the read-side branch:
+            // the command API does not append these yet, and the branch that
+            // adds their commands (issue 11) gives them their effects.
+            UserEvent::ProfileChanged(_)
+            | UserEvent::EmailVerificationRequested(_)
+            | UserEvent::EmailCodeFailed(_)
+            | UserEvent::EmailVerified(_)
+            | UserEvent::PasswordResetRequested(_)
+            | UserEvent::PasswordResetFailed(_)
+            | UserEvent::PasswordReset(_) => {}
         }
         self
     }
@@ -154,6 +164,8 @@ pub fn decide(
             username,
             email,
             password_hash,
+            sealed_code: None,
+            code_expires_at: None,
         })]),
         (_, Command::Register { .. }) => Err(DomainError::AlreadyRegistered),
         (Status::Unregistered, _) => Err(DomainError::NotFound),
@@ -204,6 +216,8 @@ mod tests {
             username: "alice".into(),
             email: "alice@example.com".into(),
             password_hash: PasswordHash::new("$argon2id$test".into()),
+            sealed_code: None,
+            code_expires_at: None,
         })
     }
 

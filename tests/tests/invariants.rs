@@ -7,7 +7,7 @@ use chrono::Utc;
 use command_api::relay::{read_batch, Checkpoint};
 use command_api::store::{AppendError, EventStore};
 use events::domain::{EventMetadata, UserDeactivated, UserRegistered};
-use events::{PasswordHash, UserEvent, UserStatus, UserView};
+use events::{PasswordHash, Profile, UserEvent, UserStatus, UserView};
 use read_model::cache::FILL_MAX_AGE;
 use read_model::{Lookup, Namespace, ViewCache};
 use sqlx::{Connection, PgConnection};
@@ -19,6 +19,8 @@ fn registered(name: &str) -> UserEvent {
         username: name.into(),
         email: format!("{name}@example.com"),
         password_hash: PasswordHash::new("$argon2id$v=19$test".into()),
+        sealed_code: None,
+        code_expires_at: None,
     })
 }
 
@@ -291,6 +293,8 @@ fn view(id: Uuid, version: i32, status: UserStatus) -> UserView {
         updated_at: Utc::now(),
         roles: Vec::new(),
         locked_until: None,
+        email_verified: false,
+        profile: Profile::default(),
     }
 }
 
