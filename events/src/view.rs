@@ -98,6 +98,10 @@ impl UserView {
 }
 
 /// What one event does to a view.
+// A Projection is returned and matched at once, never stored or collected,
+// so the size of `Apply` costs nothing; boxing it would cost an allocation
+// per applied event.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Projection {
     /// The event is the next one: this is the new view.

@@ -355,8 +355,7 @@ async fn profiles_verification_and_resets_are_projected_served_verified_and_rebu
     }
     let profile_message = messages
         .iter()
-        .filter(|m| m.headers["ce_type"] == "user.profile_changed.v1")
-        .last()
+        .rfind(|m| m.headers["ce_type"] == "user.profile_changed.v1")
         .unwrap();
     assert_eq!(profile_message.body["data"], profile);
 
