@@ -424,3 +424,69 @@ async fn verify(env: &TestEnv) -> userstream_tests::Finished {
     env.run(Service::Projector, &["verify"], &[], COMMAND_DEADLINE)
         .await
 }
+
+/// Invariant 10 for mailed codes: the read side's roles reach the log only
+/// through `events_public`, which has no sealed code, and cannot read the
+/// notifier's `mail_codes`.
+#[tokio::test]
+async fn the_read_side_roles_cannot_read_a_sealed_code() {
+    use sqlx::Connection;
+    use userstream_tests::Role;
+
+    let env = TestEnv::new().await;
+    let user = Uuid::new_v4();
+    append(
+        &env.pool,
+        user,
+        0,
+        &[
+            (
+                "UserRegistered",
+                json!({
+                    "username": "mira", "email": "mira@example.com", "password_hash": HASH,
+                    "sealed_code": SEALED[0], "code_expires_at": "2031-01-01T00:00:00Z",
+                }),
+            ),
+            (
+                "EmailVerificationRequested",
+                json!({ "email": "mira@new.example", "sealed_code": SEALED[1],
+                        "expires_at": "2031-01-01T00:00:00Z" }),
+            ),
+            (
+                "PasswordResetRequested",
+                json!({ "email": "mira@example.com", "sealed_code": SEALED[2],
+                        "expires_at": "2031-01-01T00:00:00Z" }),
+            ),
+        ],
+    )
+    .await;
+    let mut projector = sqlx::PgConnection::connect(&env.url_as(Role::Projector))
+        .await
+        .unwrap();
+    let payloads: Vec<String> =
+        sqlx::query_scalar("SELECT payload::text FROM events_public ORDER BY global_position")
+            .fetch_all(&mut projector)
+            .await
+            .unwrap();
+    assert_eq!(payloads.len(), 3);
+    for payload in &payloads {
+        assert_no_sealed_code("events_public", payload);
+    }
+    // The rest of the public data is all there.
+    assert!(payloads[1].contains("mira@new.example"), "{payloads:?}");
+    for role in [Role::Projector, Role::Query] {
+        let mut conn = sqlx::PgConnection::connect(&env.url_as(role))
+            .await
+            .unwrap();
+        let error = sqlx::query("SELECT sealed_code FROM mail_codes")
+            .execute(&mut conn)
+            .await
+            .expect_err("the read side may not read mail_codes");
+        assert_eq!(
+            error.as_database_error().and_then(|e| e.code()).as_deref(),
+            Some("42501"),
+            "{} reads mail_codes: {error}",
+            role.name()
+        );
+    }
+}
