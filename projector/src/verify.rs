@@ -258,6 +258,36 @@ pub(crate) fn field_differences(expected: &UserView, found: &UserView) -> Vec<St
         instant(found.locked_until),
         instant(expected.locked_until),
     );
+    field(
+        "email_verified",
+        found.email_verified.to_string(),
+        expected.email_verified.to_string(),
+    );
+    let (found_profile, expected_profile) = (&found.profile, &expected.profile);
+    field(
+        "profile.display_name",
+        format!("{:?}", found_profile.display_name),
+        format!("{:?}", expected_profile.display_name),
+    );
+    field(
+        "profile.locale",
+        format!("{:?}", found_profile.locale),
+        format!("{:?}", expected_profile.locale),
+    );
+    field(
+        "profile.time_zone",
+        format!("{:?}", found_profile.time_zone),
+        format!("{:?}", expected_profile.time_zone),
+    );
+    // As JSON: what the row's jsonb and the Redis body hold.
+    let json = |p: &std::collections::BTreeMap<String, serde_json::Value>| {
+        serde_json::to_string(p).unwrap_or_default()
+    };
+    field(
+        "profile.preferences",
+        json(&found_profile.preferences),
+        json(&expected_profile.preferences),
+    );
     if found.id != expected.id {
         out.push(format!("id {} (log: {})", found.id, expected.id));
     }

@@ -355,6 +355,48 @@ pub(crate) struct UserDocument {
     /// clock; null when no lock was imposed or it was lifted.
     #[schema(required = true)]
     locked_until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Whether `email` was confirmed with a mailed code. An email change
+    /// shows here only once the new address is verified: until then `email`
+    /// is the old one.
+    email_verified: bool,
+    profile: ProfileDocument,
+}
+
+/// What the user tells about themself; every field is present, null (or
+/// empty) when not set.
+#[derive(utoipa::ToSchema)]
+#[schema(as = Profile)]
+#[allow(dead_code)]
+pub(crate) struct ProfileDocument {
+    #[schema(required = true)]
+    display_name: Option<String>,
+    /// A BCP 47 language tag.
+    #[schema(required = true)]
+    locale: Option<String>,
+    /// An IANA time zone name.
+    #[schema(required = true)]
+    time_zone: Option<String>,
+    #[schema(schema_with = preferences_schema)]
+    preferences: BTreeMap<String, serde_json::Value>,
+}
+
+/// `preferences`: an object whose values are scalars (string, boolean or
+/// number), as the events carry them. Written by hand: utoipa would describe
+/// a map of `serde_json::Value` as values of any type.
+fn preferences_schema() -> utoipa::openapi::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+    let scalar = ObjectBuilder::new().schema_type(SchemaType::from_iter([
+        Type::String,
+        Type::Boolean,
+        Type::Number,
+    ]));
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .additional_properties(Some(scalar))
+        .description(Some(
+            "Small client-defined settings: string keys, scalar values (string, boolean or number).",
+        ))
+        .build()
 }
 
 #[derive(utoipa::ToSchema)]
@@ -375,7 +417,7 @@ enum StatusDocument {
 Every error answers `{\"error\":{\"code\",\"message\"}}`.",
     ),
     paths(get_user, list::list_users, healthz, readyz, metrics, openapi),
-    components(schemas(UserDocument, StatusDocument, UserPage, ErrorBody, ErrorDetail)),
+    components(schemas(UserDocument, ProfileDocument, StatusDocument, UserPage, ErrorBody, ErrorDetail)),
     modifiers(&BearerScheme)
 )]
 struct ApiDoc;
@@ -464,6 +506,13 @@ mod tests {
             updated_at: chrono::Utc::now(),
             roles: vec!["admin".into()],
             locked_until: None,
+            email_verified: true,
+            profile: events::Profile {
+                display_name: Some("Ada".into()),
+                locale: None,
+                time_zone: None,
+                preferences: [("digest".to_owned(), serde_json::json!(true))].into(),
+            },
         };
         let served = serde_json::to_value(&view).unwrap();
         let mut documented: Vec<&str> = schemas["UserView"]["properties"]
@@ -491,5 +540,40 @@ mod tests {
             serde_json::json!(["string", "null"])
         );
         assert_eq!(properties["locked_until"]["format"], "date-time");
+        assert_eq!(properties["email_verified"]["type"], "boolean");
+        assert_eq!(
+            properties["profile"]["$ref"],
+            "#/components/schemas/Profile"
+        );
+        let profile = &schemas["Profile"];
+        let mut documented: Vec<&str> = profile["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut fields: Vec<&str> = served["profile"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        documented.sort_unstable();
+        fields.sort_unstable();
+        assert_eq!(documented, fields);
+        assert_eq!(profile["required"].as_array().unwrap().len(), fields.len());
+        for nullable in ["display_name", "locale", "time_zone"] {
+            assert_eq!(
+                profile["properties"][nullable]["type"],
+                serde_json::json!(["string", "null"]),
+                "{nullable}"
+            );
+        }
+        let preferences = &profile["properties"]["preferences"];
+        assert_eq!(preferences["type"], "object");
+        assert_eq!(
+            preferences["additionalProperties"]["type"],
+            serde_json::json!(["string", "boolean", "number"])
+        );
     }
 }

@@ -1,13 +1,18 @@
 //! The `user_views` table: the durable copy of the read model.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
-use events::{UserStatus, UserView};
+use events::{Profile, UserStatus, UserView};
+use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 /// The table's columns, in one place for every SELECT, INSERT and COPY.
-pub const COLUMNS: &str =
-    "id, username, email, status, version, registered_at, updated_at, roles, locked_until";
+/// The profile is flattened into its own columns (`display_name` …
+/// `preferences`), so an operator can query them like the other fields.
+pub const COLUMNS: &str = "id, username, email, status, version, registered_at, updated_at, \
+    roles, locked_until, email_verified, display_name, locale, time_zone, preferences";
 
 /// One row of `user_views`, as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -21,6 +26,11 @@ pub struct ViewRow {
     pub updated_at: DateTime<Utc>,
     pub roles: Vec<String>,
     pub locked_until: Option<DateTime<Utc>>,
+    pub email_verified: bool,
+    pub display_name: Option<String>,
+    pub locale: Option<String>,
+    pub time_zone: Option<String>,
+    pub preferences: Json<BTreeMap<String, serde_json::Value>>,
 }
 
 impl TryFrom<ViewRow> for UserView {
@@ -40,6 +50,13 @@ impl TryFrom<ViewRow> for UserView {
             updated_at: row.updated_at,
             roles: row.roles,
             locked_until: row.locked_until,
+            email_verified: row.email_verified,
+            profile: Profile {
+                display_name: row.display_name,
+                locale: row.locale,
+                time_zone: row.time_zone,
+                preferences: row.preferences.0,
+            },
         })
     }
 }
@@ -80,7 +97,7 @@ impl ViewRows {
     pub async fn store_next(&self, view: &UserView) -> Result<bool, sqlx::Error> {
         let result = sqlx::query(&format!(
             "INSERT INTO user_views ({COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
              ON CONFLICT (id) DO UPDATE SET {UPDATE_ALL} \
              WHERE user_views.version = EXCLUDED.version - 1"
         ))
@@ -93,6 +110,11 @@ impl ViewRows {
         .bind(view.updated_at)
         .bind(&view.roles)
         .bind(view.locked_until)
+        .bind(view.email_verified)
+        .bind(&view.profile.display_name)
+        .bind(&view.profile.locale)
+        .bind(&view.profile.time_zone)
+        .bind(Json(&view.profile.preferences))
         .execute(&self.pool)
         .await?;
         Ok(result.rows_affected() == 1)
@@ -161,7 +183,10 @@ pub async fn load_many(tx: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<UserVi
 const UPDATE_ALL: &str = "username = EXCLUDED.username, email = EXCLUDED.email, \
     status = EXCLUDED.status, version = EXCLUDED.version, \
     registered_at = EXCLUDED.registered_at, updated_at = EXCLUDED.updated_at, \
-    roles = EXCLUDED.roles, locked_until = EXCLUDED.locked_until";
+    roles = EXCLUDED.roles, locked_until = EXCLUDED.locked_until, \
+    email_verified = EXCLUDED.email_verified, display_name = EXCLUDED.display_name, \
+    locale = EXCLUDED.locale, time_zone = EXCLUDED.time_zone, \
+    preferences = EXCLUDED.preferences";
 
 /// Writes `views` in one statement; a row only ever moves forward.
 #[tracing::instrument(name = "sql_upsert_views", skip_all, fields(views = views.len()))]
@@ -176,7 +201,8 @@ pub async fn upsert_many(tx: &mut PgConnection, views: &[&UserView]) -> Result<u
 /// The views travel as one array per column through UNNEST. UNNEST flattens
 /// a two-dimensional array, and PostgreSQL has no array of arrays, so each
 /// view's roles travel as one array literal ([`roles_literal`]) and are cast
-/// back to `text[]` per row.
+/// back to `text[]` per row. Preferences travel as a `jsonb[]`, one object
+/// per view (jsonb is a scalar to UNNEST, so no flattening happens).
 #[tracing::instrument(name = "sql_upsert_into", skip_all, fields(table = %table, views = views.len()))]
 pub async fn upsert_into(
     conn: &mut PgConnection,
@@ -195,6 +221,11 @@ pub async fn upsert_into(
     let mut updated = Vec::with_capacity(views.len());
     let mut roles = Vec::with_capacity(views.len());
     let mut locked_until = Vec::with_capacity(views.len());
+    let mut email_verified = Vec::with_capacity(views.len());
+    let mut display_names = Vec::with_capacity(views.len());
+    let mut locales = Vec::with_capacity(views.len());
+    let mut time_zones = Vec::with_capacity(views.len());
+    let mut preferences = Vec::with_capacity(views.len());
     for view in views {
         ids.push(view.id);
         usernames.push(view.username.as_str());
@@ -205,15 +236,23 @@ pub async fn upsert_into(
         updated.push(view.updated_at);
         roles.push(roles_literal(&view.roles));
         locked_until.push(view.locked_until);
+        email_verified.push(view.email_verified);
+        display_names.push(view.profile.display_name.as_deref());
+        locales.push(view.profile.locale.as_deref());
+        time_zones.push(view.profile.time_zone.as_deref());
+        preferences.push(Json(&view.profile.preferences));
     }
     let result = sqlx::query(&format!(
         "INSERT INTO {table} ({COLUMNS}) \
          SELECT v.id, v.username, v.email, v.status, v.version, v.registered_at, v.updated_at, \
-                v.roles::text[], v.locked_until \
+                v.roles::text[], v.locked_until, v.email_verified, v.display_name, v.locale, \
+                v.time_zone, v.preferences \
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], \
-                     $6::timestamptz[], $7::timestamptz[], $8::text[], $9::timestamptz[]) \
+                     $6::timestamptz[], $7::timestamptz[], $8::text[], $9::timestamptz[], \
+                     $10::boolean[], $11::text[], $12::text[], $13::text[], $14::jsonb[]) \
               AS v(id, username, email, status, version, registered_at, updated_at, \
-                   roles, locked_until) \
+                   roles, locked_until, email_verified, display_name, locale, time_zone, \
+                   preferences) \
          ON CONFLICT (id) DO UPDATE SET {UPDATE_ALL} \
          WHERE {table}.version < EXCLUDED.version"
     ))
@@ -226,6 +265,11 @@ pub async fn upsert_into(
     .bind(&updated)
     .bind(&roles)
     .bind(&locked_until)
+    .bind(&email_verified)
+    .bind(&display_names)
+    .bind(&locales)
+    .bind(&time_zones)
+    .bind(&preferences)
     .execute(conn)
     .await?;
     Ok(result.rows_affected())

@@ -7,7 +7,7 @@ use chrono::Utc;
 use command_api::relay::{read_batch, Checkpoint};
 use command_api::store::{AppendError, EventStore};
 use events::domain::{EventMetadata, UserDeactivated, UserRegistered};
-use events::{PasswordHash, UserEvent, UserStatus, UserView};
+use events::{PasswordHash, Profile, UserEvent, UserStatus, UserView};
 use read_model::cache::FILL_MAX_AGE;
 use read_model::{Lookup, Namespace, ViewCache};
 use sqlx::{Connection, PgConnection};
@@ -293,6 +293,8 @@ fn view(id: Uuid, version: i32, status: UserStatus) -> UserView {
         updated_at: Utc::now(),
         roles: Vec::new(),
         locked_until: None,
+        email_verified: false,
+        profile: Profile::default(),
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chrono::Utc;
-use events::{UserStatus, UserView};
+use events::{Profile, UserStatus, UserView};
 use read_model::{Lookup, ViewRows};
 use serde_json::Value;
 use userstream_tests::read_side::open_namespace;
@@ -69,6 +69,17 @@ async fn stored_view(env: &TestEnv) -> UserView {
         updated_at: Utc::now(),
         roles: vec!["admin".into(), "support".into()],
         locked_until: Some(LOCKED_UNTIL.parse().unwrap()),
+        email_verified: true,
+        profile: Profile {
+            display_name: Some("Quinn \"Q\" O'Neil".into()),
+            locale: Some("en-IE".into()),
+            time_zone: None,
+            preferences: [
+                ("digest".to_owned(), serde_json::json!(false)),
+                ("page_size".to_owned(), serde_json::json!(50)),
+            ]
+            .into(),
+        },
     };
     assert!(ViewRows::new(env.pool.clone())
         .store_next(&view)
@@ -93,6 +104,14 @@ async fn a_view_is_read_from_postgres_cached_in_redis_and_revalidated_by_etag() 
     assert_eq!(first.body["status"], "active");
     assert_eq!(first.body["roles"], serde_json::json!(["admin", "support"]));
     assert_eq!(first.body["locked_until"], LOCKED_UNTIL);
+    assert_eq!(first.body["email_verified"], true);
+    assert_eq!(
+        first.body["profile"],
+        serde_json::json!({
+            "display_name": "Quinn \"Q\" O'Neil", "locale": "en-IE", "time_zone": null,
+            "preferences": { "digest": false, "page_size": 50 }
+        })
+    );
 
     // The miss filled Redis, through the version-guarded write.
     let cached = eventually("the cache fill", Duration::from_secs(10), || async {
@@ -234,6 +253,8 @@ fn view(name: &str, status: UserStatus, version: i32) -> UserView {
         updated_at: Utc::now(),
         roles: Vec::new(),
         locked_until: None,
+        email_verified: false,
+        profile: Profile::default(),
     }
 }
 

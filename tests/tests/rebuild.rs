@@ -610,8 +610,8 @@ async fn the_fold_reports_an_impossible_transition_and_folds_everyone_else() {
     .unwrap();
     assert_eq!(
         constraints,
-        ["c", "c", "p"],
-        "two CHECKs and the primary key"
+        ["c", "c", "c", "p"],
+        "three CHECKs (status, version, preferences an object) and the primary key"
     );
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT tablename::text FROM pg_tables WHERE tablename LIKE 'user\\_views\\_%'",

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use events::{IntegrationEvent, PublicChange};
+use events::{IntegrationEvent, Profile, PublicChange};
 use futures::future::join_all;
 use serde_json::json;
 use userstream_tests::relay::{
@@ -115,6 +115,33 @@ fn every_public_change_encodes_to_a_body_its_schema_accepts() {
         PublicChange::RoleRevoked {
             role: "admin".into(),
         },
+        PublicChange::ProfileChanged(Profile {
+            display_name: Some("Rosa P.".into()),
+            locale: Some("es-MX".into()),
+            time_zone: None,
+            preferences: [
+                ("theme".to_owned(), json!("dark")),
+                ("digest".to_owned(), json!(true)),
+                ("page_size".to_owned(), json!(50)),
+                ("ratio".to_owned(), json!(0.75)),
+            ]
+            .into(),
+        }),
+        PublicChange::ProfileChanged(Profile::default()),
+        PublicChange::EmailVerificationRequested {
+            email: "rosa@new.example".into(),
+            expires_at: until,
+        },
+        PublicChange::EmailCodeFailed,
+        PublicChange::EmailVerified {
+            email: "rosa@new.example".into(),
+        },
+        PublicChange::PasswordResetRequested {
+            email: "rosa@new.example".into(),
+            expires_at: until,
+        },
+        PublicChange::PasswordResetFailed,
+        PublicChange::PasswordReset,
     ];
     let user = Uuid::new_v4();
     let events: Vec<IntegrationEvent> = changes
@@ -183,6 +210,57 @@ fn every_public_change_encodes_to_a_body_its_schema_accepts() {
         (
             "user.role_revoked.v1",
             Box::new(|m| m.body["data"]["role"] = json!(null)),
+        ),
+        (
+            "user.profile_changed.v1",
+            Box::new(|m| m.body["data"]["preferences"]["nested"] = json!({ "a": 1 })),
+        ),
+        (
+            "user.profile_changed.v1",
+            Box::new(|m| m.body["data"]["preferences"]["list"] = json!([1])),
+        ),
+        (
+            "user.profile_changed.v1",
+            Box::new(|m| m.body["data"]["display_name"] = json!(7)),
+        ),
+        (
+            "user.profile_changed.v1",
+            Box::new(|m| {
+                m.body["data"].as_object_mut().unwrap().remove("locale");
+            }),
+        ),
+        // A mailed code is never on the topic, not even sealed.
+        (
+            "user.email_verification_requested.v1",
+            Box::new(|m| m.body["data"]["sealed_code"] = json!("v1.sealed")),
+        ),
+        (
+            "user.email_verification_requested.v1",
+            Box::new(|m| m.body["data"]["expires_at"] = json!("soon")),
+        ),
+        (
+            "user.password_reset_requested.v1",
+            Box::new(|m| m.body["data"]["sealed_code"] = json!("v1.sealed")),
+        ),
+        (
+            "user.password_reset_requested.v1",
+            Box::new(|m| m.body["data"]["email"] = json!("not an address")),
+        ),
+        (
+            "user.email_verified.v1",
+            Box::new(|m| m.body["data"] = json!({})),
+        ),
+        (
+            "user.email_code_failed.v1",
+            Box::new(|m| m.body["data"]["code"] = json!("123456")),
+        ),
+        (
+            "user.password_reset_failed.v1",
+            Box::new(|m| m.body["data"]["code"] = json!("123456")),
+        ),
+        (
+            "user.password_reset.v1",
+            Box::new(|m| m.body["data"]["password_hash"] = json!("$argon2id$")),
         ),
     ];
     for (ce_type, breaks) in &refused {

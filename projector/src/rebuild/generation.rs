@@ -147,16 +147,27 @@ fn write_copy_row(out: &mut String, view: &UserView) {
     );
     // An array column takes its literal form, escaped like any text.
     escape_copy_text(out, &roles_literal(&view.roles));
+    out.push('\t');
     match view.locked_until {
-        Some(until) => {
-            let _ = writeln!(
-                out,
-                "\t{}",
-                until.to_rfc3339_opts(SecondsFormat::AutoSi, true)
-            );
-        }
-        None => out.push_str("\t\\N\n"),
+        Some(until) => out.push_str(&until.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
+        None => out.push_str("\\N"),
     }
+    out.push_str(if view.email_verified { "\tt" } else { "\tf" });
+    let profile = &view.profile;
+    for text in [&profile.display_name, &profile.locale, &profile.time_zone] {
+        out.push('\t');
+        match text {
+            Some(text) => escape_copy_text(out, text),
+            None => out.push_str("\\N"),
+        }
+    }
+    out.push('\t');
+    // jsonb's input form is the JSON text; its string escapes (`\"`, `\n`)
+    // hold backslashes, which COPY's own escaping doubles.
+    let preferences =
+        serde_json::to_string(&profile.preferences).expect("preferences serialise to JSON");
+    escape_copy_text(out, &preferences);
+    out.push('\n');
 }
 
 /// COPY text escaping: backslash, and the characters that delimit fields
@@ -337,6 +348,8 @@ mod tests {
             updated_at: at,
             roles: vec!["admin".into(), "support".into()],
             locked_until: Some("2031-02-03T04:05:06.123456Z".parse().unwrap()),
+            email_verified: false,
+            profile: events::Profile::default(),
         };
         let mut out = String::new();
         write_copy_row(&mut out, &view);
@@ -344,14 +357,52 @@ mod tests {
             out,
             "00000000-0000-0000-0000-000000000000\tada\tada@example.com\tactive\t4\t\
              2026-11-21T10:00:00.500Z\t2026-11-21T10:00:00.500Z\t{\"admin\",\"support\"}\t\
-             2031-02-03T04:05:06.123456Z\n"
+             2031-02-03T04:05:06.123456Z\tf\t\\N\t\\N\t\\N\t{}\n"
         );
         view.roles = vec!["a\\b".into()];
         view.locked_until = None;
         out.clear();
         write_copy_row(&mut out, &view);
         // The array literal's backslash, escaped again for COPY; NULL as \N.
-        assert!(out.ends_with("\t{\"a\\\\\\\\b\"}\t\\N\n"), "{out}");
+        assert!(out.contains("\t{\"a\\\\\\\\b\"}\t\\N\tf\t"), "{out}");
+    }
+
+    #[test]
+    fn copy_rows_carry_the_profile_and_verification() {
+        let at: chrono::DateTime<chrono::Utc> = "2026-11-21T10:00:00Z".parse().unwrap();
+        let view = UserView {
+            id: uuid::Uuid::nil(),
+            username: "ada".into(),
+            email: "ada@new.example".into(),
+            status: events::UserStatus::Active,
+            version: 3,
+            registered_at: at,
+            updated_at: at,
+            roles: Vec::new(),
+            locked_until: None,
+            email_verified: true,
+            profile: events::Profile {
+                display_name: Some("Ada\tL.".into()),
+                locale: Some("en-GB".into()),
+                time_zone: None,
+                preferences: [
+                    ("quote".to_owned(), serde_json::json!("say \"hi\"\n")),
+                    ("digest".to_owned(), serde_json::json!(false)),
+                    ("size".to_owned(), serde_json::json!(1.5)),
+                ]
+                .into(),
+            },
+        };
+        let mut out = String::new();
+        write_copy_row(&mut out, &view);
+        // Text escaped for COPY; the JSON's own escapes doubled once more.
+        assert!(
+            out.ends_with(
+                "\t{}\t\\N\tt\tAda\\tL.\ten-GB\t\\N\t\
+                 {\"digest\":false,\"quote\":\"say \\\\\"hi\\\\\"\\\\n\",\"size\":1.5}\n"
+            ),
+            "{out}"
+        );
     }
 
     #[test]

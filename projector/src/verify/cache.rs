@@ -268,6 +268,13 @@ mod tests {
             updated_at: at,
             roles: vec!["admin".into()],
             locked_until: Some("2031-02-03T04:05:06Z".parse().unwrap()),
+            email_verified: true,
+            profile: events::Profile {
+                display_name: Some("Ada".into()),
+                locale: Some("en-GB".into()),
+                time_zone: Some("Europe/London".into()),
+                preferences: [("digest".to_owned(), serde_json::json!(true))].into(),
+            },
         }
     }
 
@@ -295,19 +302,49 @@ mod tests {
     }
 
     #[test]
+    fn verification_and_profile_are_compared() {
+        let expected = view();
+        let same = serde_json::to_value(&expected).unwrap();
+        let mut other = same.clone();
+        other["email_verified"] = serde_json::json!(false);
+        other["profile"]["display_name"] = serde_json::Value::Null;
+        other["profile"]["time_zone"] = serde_json::json!("UTC");
+        other["profile"]["preferences"]["digest"] = serde_json::json!("yes");
+        let found = entry_difference(&expected, &entry(other)).unwrap();
+        for wanted in [
+            "email_verified false (log: true)",
+            r#"profile.display_name None (log: Some("Ada"))"#,
+            r#"profile.time_zone Some("UTC") (log: Some("Europe/London"))"#,
+            r#"profile.preferences {"digest":"yes"} (log: {"digest":true})"#,
+        ] {
+            assert!(found.contains(wanted), "{wanted} in {found}");
+        }
+        assert!(!found.contains("profile.locale"), "{found}");
+    }
+
+    #[test]
     fn a_body_cached_before_a_field_existed_is_a_difference() {
         let mut expected = view();
         expected.roles.clear();
         expected.locked_until = None;
+        expected.email_verified = false;
+        expected.profile = events::Profile::default();
         let mut old = serde_json::to_value(&expected).unwrap();
         let fields = old.as_object_mut().unwrap();
         fields.remove("roles");
         fields.remove("locked_until");
+        fields.remove("email_verified");
+        fields.remove("profile");
         // It reads as the same view (the fields default), yet is not what
         // readers must be served.
         let found = entry_difference(&expected, &entry(old)).unwrap();
         assert!(found.contains(r#"missing field "roles""#), "{found}");
         assert!(found.contains(r#"missing field "locked_until""#), "{found}");
+        assert!(
+            found.contains(r#"missing field "email_verified""#),
+            "{found}"
+        );
+        assert!(found.contains(r#"missing field "profile""#), "{found}");
     }
 
     #[test]
