@@ -161,6 +161,8 @@ mod tests {
             assert!(!mail.subject.is_empty(), "{kind:?}");
             assert!(!mail.subject.contains('\n'));
             assert!(!mail.body.contains('{'), "{kind:?}: {}", mail.body);
+            // Short lines keep the body 7bit: readable as is in any mailbox.
+            assert!(mail.body.lines().all(|l| l.len() <= 72), "{kind:?}");
             assert_eq!(mail.body.contains("12345678"), code.is_some(), "{kind:?}");
             if code.is_some() {
                 assert!(mail.body.contains("2026-12-04T10:00:00Z"));

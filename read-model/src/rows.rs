@@ -40,6 +40,10 @@ impl TryFrom<ViewRow> for UserView {
             updated_at: row.updated_at,
             roles: row.roles,
             locked_until: row.locked_until,
+            // Placeholders so the workspace builds; the read model's rewrite
+            // stores them.
+            email_verified: false,
+            profile: Default::default(),
         })
     }
 }

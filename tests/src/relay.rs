@@ -21,6 +21,8 @@ pub fn nth_event(version: i32, name: &str) -> UserEvent {
             username: name.to_owned(),
             email: format!("{name}@example.com"),
             password_hash: PasswordHash::new("$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into()),
+            sealed_code: None,
+            code_expires_at: None,
         }),
         v if v % 2 == 0 => UserEvent::Deactivated(UserDeactivated { reason: None }),
         _ => UserEvent::Reactivated(UserReactivated { reason: None }),

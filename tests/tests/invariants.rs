@@ -19,6 +19,8 @@ fn registered(name: &str) -> UserEvent {
         username: name.into(),
         email: format!("{name}@example.com"),
         password_hash: PasswordHash::new("$argon2id$v=19$test".into()),
+        sealed_code: None,
+        code_expires_at: None,
     })
 }
 

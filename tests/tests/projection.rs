@@ -45,6 +45,8 @@ async fn user(store: &EventStore, name: &str, changes: &[bool]) -> Uuid {
         username: name.into(),
         email: format!("{name}@example.com"),
         password_hash: PasswordHash::new("$argon2id$v=19$test".into()),
+        sealed_code: None,
+        code_expires_at: None,
     });
     let email = format!("{name}@example.com");
     store

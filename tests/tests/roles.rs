@@ -33,6 +33,8 @@ async fn seed(env: &TestEnv) -> Uuid {
         username: "rhea".into(),
         email: "rhea@example.com".into(),
         password_hash: PasswordHash::new(HASH.into()),
+        sealed_code: None,
+        code_expires_at: None,
     });
     let metadata = EventMetadata {
         actor: "test".into(),
