@@ -56,5 +56,8 @@ CREATE TABLE notifier_mails (
 );
 CREATE INDEX notifier_mails_due ON notifier_mails (next_attempt_at) WHERE status = 'pending';
 
+-- Like the other service roles: no object in `public` is reachable without
+-- USAGE on the schema (migration 5 revoked it from PUBLIC).
+GRANT USAGE ON SCHEMA public TO userstream_notifier;
 GRANT SELECT ON mail_codes TO userstream_notifier;
 GRANT SELECT, INSERT, UPDATE ON notifier_mails TO userstream_notifier;

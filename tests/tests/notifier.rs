@@ -192,6 +192,23 @@ async fn an_expired_code_is_not_sent_and_a_foreign_seal_is_parked_until_retried(
     assert!(none_left.stdout.contains("0 parked"), "{none_left}");
 }
 
+/// The development SMTP server stopped (`scripts/stack stop smtp`) until
+/// dropped, even when the test fails: the other tests need it back.
+struct SmtpOutage;
+
+impl SmtpOutage {
+    fn begin() -> Self {
+        smtp_component("stop");
+        Self
+    }
+}
+
+impl Drop for SmtpOutage {
+    fn drop(&mut self) {
+        smtp_component("start");
+    }
+}
+
 #[tokio::test]
 async fn mails_wait_out_a_mail_server_outage_and_then_arrive_exactly_once() {
     let env = TestEnv::new().await;
@@ -199,7 +216,7 @@ async fn mails_wait_out_a_mail_server_outage_and_then_arrive_exactly_once() {
     let _relay = env.spawn(Service::CommandApi, &[]).await;
     let notifier = notifier(&env).await;
 
-    smtp_component("stop");
+    let outage = SmtpOutage::begin();
     let mut expected = Vec::new();
     for i in 0..5 {
         let user = Uuid::now_v7();
@@ -219,7 +236,7 @@ async fn mails_wait_out_a_mail_server_outage_and_then_arrive_exactly_once() {
         (status == 200 && !body["checks"]["smtp"]["detail"]["degraded"].is_null()).then_some(body)
     })
     .await;
-    smtp_component("start");
+    drop(outage);
     assert!(
         degraded["checks"]["smtp"]["detail"]["degraded"]["failures_in_a_row"]
             .as_u64()
