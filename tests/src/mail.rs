@@ -93,14 +93,10 @@ pub fn mails_to(address: &str) -> Vec<Mail> {
 /// Waits (polling the mailbox, at most `deadline`) until `address` has at
 /// least `count` mails; returns them all.
 pub async fn wait_for_mails(address: &str, count: usize, deadline: Duration) -> Vec<Mail> {
-    eventually(
-        &format!("{count} mail(s) to {address}"),
-        deadline,
-        || {
-            let mails = mails_to(address);
-            async move { (mails.len() >= count).then_some(mails) }
-        },
-    )
+    eventually(&format!("{count} mail(s) to {address}"), deadline, || {
+        let mails = mails_to(address);
+        async move { (mails.len() >= count).then_some(mails) }
+    })
     .await
 }
 
@@ -189,12 +185,19 @@ pub fn registered(email: &str, code: Option<(&CodeKey, Uuid, &Code, DateTime<Utc
         username: email.split('@').next().unwrap_or("user").replace('-', "_"),
         email: email.to_owned(),
         password_hash: PasswordHash::new("$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into()),
-        sealed_code: code.map(|(key, user, code, _)| key.seal(Purpose::EmailVerification, user, code)),
+        sealed_code: code
+            .map(|(key, user, code, _)| key.seal(Purpose::EmailVerification, user, code)),
         code_expires_at: code.map(|(_, _, _, at)| at),
     })
 }
 
-pub fn reset_requested(key: &CodeKey, user: Uuid, email: &str, code: &Code, expires_at: DateTime<Utc>) -> UserEvent {
+pub fn reset_requested(
+    key: &CodeKey,
+    user: Uuid,
+    email: &str,
+    code: &Code,
+    expires_at: DateTime<Utc>,
+) -> UserEvent {
     UserEvent::PasswordResetRequested(PasswordResetRequested {
         email: email.to_owned(),
         sealed_code: key.seal(Purpose::PasswordReset, user, code),
@@ -202,7 +205,13 @@ pub fn reset_requested(key: &CodeKey, user: Uuid, email: &str, code: &Code, expi
     })
 }
 
-pub fn verification_requested(key: &CodeKey, user: Uuid, email: &str, code: &Code, expires_at: DateTime<Utc>) -> UserEvent {
+pub fn verification_requested(
+    key: &CodeKey,
+    user: Uuid,
+    email: &str,
+    code: &Code,
+    expires_at: DateTime<Utc>,
+) -> UserEvent {
     UserEvent::EmailVerificationRequested(EmailVerificationRequested {
         email: email.to_owned(),
         sealed_code: key.seal(Purpose::EmailVerification, user, code),

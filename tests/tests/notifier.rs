@@ -9,8 +9,8 @@ use chrono::Utc;
 use events::codes::{Code, CodeKey};
 use serde_json::Value;
 use userstream_tests::mail::{
-    self, append, mail_status, mails_to, registered, reset_requested, smtp_component,
-    test_key, unique_address, verification_requested, wait_for_mails, Mail,
+    self, append, mail_status, mails_to, registered, reset_requested, smtp_component, test_key,
+    unique_address, verification_requested, wait_for_mails, Mail,
 };
 use userstream_tests::{eventually, Running, Service, TestEnv};
 use uuid::Uuid;
@@ -62,7 +62,10 @@ async fn each_mail_arrives_once_with_its_code_and_a_redelivery_sends_nothing_mor
         &env.pool,
         alice,
         1,
-        &registered(&alice_at, Some((&key, alice, &welcome_code, in_minutes(60)))),
+        &registered(
+            &alice_at,
+            Some((&key, alice, &welcome_code, in_minutes(60))),
+        ),
     )
     .await;
     let reset = append(
@@ -96,7 +99,10 @@ async fn each_mail_arrives_once_with_its_code_and_a_redelivery_sends_nothing_mor
         .find(|m| m.message_id == format!("<{reset}@userstream>"))
         .expect("the reset mail");
     assert_eq!(reset_mail.code().as_deref(), Some(reset_code.expose()));
-    assert!(reset_mail.subject.contains("password reset"), "{reset_mail:?}");
+    assert!(
+        reset_mail.subject.contains("password reset"),
+        "{reset_mail:?}"
+    );
     // The verification goes to the new address, not the current one.
     let to_new = wait_for_mails(&alice_new, 1, DEADLINE).await;
     let verify_mail = only_mail(&to_new, &alice_new, verify);
@@ -119,13 +125,20 @@ async fn each_mail_arrives_once_with_its_code_and_a_redelivery_sends_nothing_mor
     let again = env
         .spawn(
             Service::Notifier,
-            &[("NOTIFIER_GROUP_ID", &format!("{}-again", env.notifier_group_id))],
+            &[(
+                "NOTIFIER_GROUP_ID",
+                &format!("{}-again", env.notifier_group_id),
+            )],
         )
         .await;
-    eventually("the redelivered messages to be consumed", DEADLINE, || async {
-        // Queued or found already there: the four mail messages were read.
-        (again.metric("notifier_messages_total").await >= 4.0).then_some(())
-    })
+    eventually(
+        "the redelivered messages to be consumed",
+        DEADLINE,
+        || async {
+            // Queued or found already there: the four mail messages were read.
+            (again.metric("notifier_messages_total").await >= 4.0).then_some(())
+        },
+    )
     .await;
     // Give a wrongly re-queued mail the sender's poll interval to go out.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -161,7 +174,10 @@ async fn an_expired_code_is_not_sent_and_a_foreign_seal_is_parked_until_retried(
         &env.pool,
         foreign,
         1,
-        &registered(&foreign_at, Some((&other, foreign, &Code::generate(), in_minutes(60)))),
+        &registered(
+            &foreign_at,
+            Some((&other, foreign, &Code::generate(), in_minutes(60))),
+        ),
     )
     .await;
 
@@ -182,19 +198,36 @@ async fn an_expired_code_is_not_sent_and_a_foreign_seal_is_parked_until_retried(
     assert!(mails_to(&foreign_at).is_empty());
 
     let (status, body) = readyz(&notifier).await;
-    assert_eq!(status, 200, "parked mails degrade, they do not fail: {body}");
-    assert_eq!(body["checks"]["mails"]["detail"]["degraded"]["parked"], 1, "{body}");
+    assert_eq!(
+        status, 200,
+        "parked mails degrade, they do not fail: {body}"
+    );
+    assert_eq!(
+        body["checks"]["mails"]["detail"]["degraded"]["parked"], 1,
+        "{body}"
+    );
     assert!(notifier.metric("notifier_mails{status=\"parked\"}").await >= 1.0);
     notifier.stop().await;
 
     // `notifier retry` makes it pending again (the service is stopped, so
     // nobody parks it again before we look).
     let retried = env
-        .run(Service::Notifier, &["retry", &parked.to_string()], &[], DEADLINE)
+        .run(
+            Service::Notifier,
+            &["retry", &parked.to_string()],
+            &[],
+            DEADLINE,
+        )
         .await;
     retried.assert_success();
-    assert!(retried.stdout.contains("1 parked mail(s) pending again"), "{retried}");
-    assert_eq!(mail_status(&env.pool, parked).await.as_deref(), Some("pending"));
+    assert!(
+        retried.stdout.contains("1 parked mail(s) pending again"),
+        "{retried}"
+    );
+    assert_eq!(
+        mail_status(&env.pool, parked).await.as_deref(),
+        Some("pending")
+    );
     let none_left = env.run(Service::Notifier, &["retry"], &[], DEADLINE).await;
     assert!(none_left.stdout.contains("0 parked"), "{none_left}");
 }
@@ -238,10 +271,15 @@ async fn mails_wait_out_a_mail_server_outage_and_then_arrive_exactly_once() {
         .await;
         expected.push((address, id, code));
     }
-    let degraded = eventually("readyz to show the failing mail server", DEADLINE, || async {
-        let (status, body) = readyz(&notifier).await;
-        (status == 200 && !body["checks"]["smtp"]["detail"]["degraded"].is_null()).then_some(body)
-    })
+    let degraded = eventually(
+        "readyz to show the failing mail server",
+        DEADLINE,
+        || async {
+            let (status, body) = readyz(&notifier).await;
+            (status == 200 && !body["checks"]["smtp"]["detail"]["degraded"].is_null())
+                .then_some(body)
+        },
+    )
     .await;
     drop(outage);
     assert!(
@@ -254,12 +292,21 @@ async fn mails_wait_out_a_mail_server_outage_and_then_arrive_exactly_once() {
 
     for (address, id, code) in &expected {
         let mails = wait_for_mails(address, 1, DEADLINE).await;
-        assert_eq!(only_mail(&mails, address, *id).code().as_deref(), Some(code.expose()));
+        assert_eq!(
+            only_mail(&mails, address, *id).code().as_deref(),
+            Some(code.expose())
+        );
     }
-    eventually("readyz to clear once a send succeeded", DEADLINE, || async {
-        let (_, body) = readyz(&notifier).await;
-        body["checks"]["smtp"]["detail"]["degraded"].is_null().then_some(())
-    })
+    eventually(
+        "readyz to clear once a send succeeded",
+        DEADLINE,
+        || async {
+            let (_, body) = readyz(&notifier).await;
+            body["checks"]["smtp"]["detail"]["degraded"]
+                .is_null()
+                .then_some(())
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     for (address, _, _) in &expected {
