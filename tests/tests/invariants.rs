@@ -293,6 +293,8 @@ fn view(id: Uuid, version: i32, status: UserStatus) -> UserView {
         updated_at: Utc::now(),
         roles: Vec::new(),
         locked_until: None,
+        email_verified: false,
+        profile: Default::default(),
     }
 }
 

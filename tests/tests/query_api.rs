@@ -69,6 +69,8 @@ async fn stored_view(env: &TestEnv) -> UserView {
         updated_at: Utc::now(),
         roles: vec!["admin".into(), "support".into()],
         locked_until: Some(LOCKED_UNTIL.parse().unwrap()),
+        email_verified: false,
+        profile: Default::default(),
     };
     assert!(ViewRows::new(env.pool.clone())
         .store_next(&view)
@@ -234,6 +236,8 @@ fn view(name: &str, status: UserStatus, version: i32) -> UserView {
         updated_at: Utc::now(),
         roles: Vec::new(),
         locked_until: None,
+        email_verified: false,
+        profile: Default::default(),
     }
 }
 
