@@ -210,6 +210,8 @@ mod tests {
             username: "alice".into(),
             email: "alice@example.com".into(),
             password_hash: PasswordHash::new("$argon2id$test".into()),
+            sealed_code: None,
+            code_expires_at: None,
         })
     }
 

@@ -464,6 +464,8 @@ mod tests {
             updated_at: chrono::Utc::now(),
             roles: vec!["admin".into()],
             locked_until: None,
+            email_verified: false,
+            profile: Default::default(),
         };
         let served = serde_json::to_value(&view).unwrap();
         let mut documented: Vec<&str> = schemas["UserView"]["properties"]

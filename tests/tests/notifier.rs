@@ -12,7 +12,7 @@ use userstream_tests::mail::{
     self, append, mail_status, mails_to, registered, reset_requested, smtp_component, test_key,
     unique_address, verification_requested, wait_for_mails, Mail,
 };
-use userstream_tests::{eventually, Running, Service, TestEnv};
+use userstream_tests::{eventually, kafka_brokers, Running, Service, TestEnv};
 use uuid::Uuid;
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -367,4 +367,51 @@ async fn a_notifier_killed_mid_stream_loses_no_mail() {
         .sum();
     assert!(copies <= 1, "{copies} copies after one kill");
     drop(second);
+}
+
+#[tokio::test]
+async fn an_undecodable_mail_message_is_counted_and_skipped_and_the_next_mail_goes() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let env = TestEnv::new().await;
+    let _relay = env.spawn(Service::CommandApi, &[]).await;
+    let notifier = notifier(&env).await;
+    // A message that claims to be a registration but is not one.
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .create()
+        .unwrap();
+    let bad_id = Uuid::new_v4().to_string();
+    producer
+        .send(
+            FutureRecord::to(&env.topic)
+                .key("not-a-user")
+                .payload("{not json")
+                .headers(
+                    OwnedHeaders::new()
+                        .insert(Header {
+                            key: "ce_id",
+                            value: Some(&bad_id),
+                        })
+                        .insert(Header {
+                            key: "ce_type",
+                            value: Some("user.registered.v1"),
+                        }),
+                ),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("produce the bad message");
+    let user = Uuid::now_v7();
+    let address = unique_address("after-bad");
+    let id = append(&env.pool, user, 1, &registered(&address, None)).await;
+    let mails = wait_for_mails(&address, 1, DEADLINE).await;
+    only_mail(&mails, &address, id);
+    eventually("the bad message to be counted", DEADLINE, || async {
+        (notifier.metric("notifier_bad_messages_total").await == 1.0).then_some(())
+    })
+    .await;
+    let logs = notifier.logs().join("\n");
+    assert!(logs.contains("undecodable mail message skipped"), "{logs}");
 }

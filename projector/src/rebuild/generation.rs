@@ -337,6 +337,8 @@ mod tests {
             updated_at: at,
             roles: vec!["admin".into(), "support".into()],
             locked_until: Some("2031-02-03T04:05:06.123456Z".parse().unwrap()),
+            email_verified: false,
+            profile: Default::default(),
         };
         let mut out = String::new();
         write_copy_row(&mut out, &view);

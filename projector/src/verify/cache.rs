@@ -268,6 +268,8 @@ mod tests {
             updated_at: at,
             roles: vec!["admin".into()],
             locked_until: Some("2031-02-03T04:05:06Z".parse().unwrap()),
+            email_verified: false,
+            profile: Default::default(),
         }
     }
 
