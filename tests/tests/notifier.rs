@@ -140,7 +140,9 @@ async fn each_mail_arrives_once_with_its_code_and_a_redelivery_sends_nothing_mor
         },
     )
     .await;
-    // Give a wrongly re-queued mail the sender's poll interval to go out.
+    // An absence cannot be polled for: give a wrongly re-queued mail ten of
+    // the sender's poll intervals (NOTIFIER_POLL_MS) to go out. This is what
+    // caught a dedup broken on purpose (ON CONFLICT … DO UPDATE).
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(mails_to(&alice_at).len(), 2);
     assert_eq!(mails_to(&alice_new).len(), 1);
@@ -317,7 +319,6 @@ async fn mails_wait_out_a_mail_server_outage_and_then_arrive_exactly_once() {
 #[tokio::test]
 async fn a_notifier_killed_mid_stream_loses_no_mail() {
     let env = TestEnv::new().await;
-    let key = test_key();
     let _relay = env.spawn(Service::CommandApi, &[]).await;
     let first = notifier(&env).await;
     let writer = {
@@ -351,7 +352,6 @@ async fn a_notifier_killed_mid_stream_loses_no_mail() {
     first.kill();
     let second = notifier(&env).await;
     let written = writer.await.unwrap();
-    let _ = key;
     for (address, id) in &written {
         let mails = wait_for_mails(address, 1, DEADLINE).await;
         // A kill between a send and its record may send it again, with the
