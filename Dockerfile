@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
-# The three userstream services in one image; docker-compose.yml picks the
-# binary per service with `command:` (command-api, query-api or projector).
+# The four userstream services in one image; docker-compose.yml picks the
+# binary per service with `command:` (command-api, query-api, projector or
+# notifier).
 
 # ---- build ------------------------------------------------------------------
 FROM rust:1-bookworm AS builder
@@ -15,7 +16,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --workspace --bins \
     && mkdir -p /out \
-    && cp target/release/command-api target/release/query-api target/release/projector /out/
+    && cp target/release/command-api target/release/query-api target/release/projector \
+       target/release/notifier /out/
 
 # ---- run --------------------------------------------------------------------
 FROM debian:bookworm-slim
@@ -26,9 +28,9 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 userstream \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin userstream
-COPY --from=builder /out/command-api /out/query-api /out/projector /usr/local/bin/
+COPY --from=builder /out/command-api /out/query-api /out/projector /out/notifier /usr/local/bin/
 USER 10001:10001
 ENV RUST_LOG=info \
     LOG_FORMAT=json
-EXPOSE 3001 3002 3003
+EXPOSE 3001 3002 3003 3004
 CMD ["command-api"]

@@ -1,7 +1,7 @@
 # The project's commands; README.md names `make run` and `make test`.
 .PHONY: run test stack-up stack-down stack-status lint bench
 
-run:          ## bring up the stack, migrate, run the three services
+run:          ## bring up the stack, migrate, run the four services
 	scripts/run
 
 test:         ## bring up the stack and run every test

@@ -19,12 +19,15 @@ FROM events;
 
 -- The notifier's only way into the log: the sealed code of one event, found
 -- by the event's id (ce_id on the topic). A view runs with its owner's
--- rights, so the notifier reads these three columns and nothing else of
--- `events` (no hash, no other payload).
+-- rights, so the notifier reads these columns and nothing else of `events`
+-- (no hash, no other payload). `code_expires_at` is the code's expiry: under
+-- `code_expires_at` in a registration (it is not on the topic there), under
+-- `expires_at` in the request events.
 CREATE VIEW mail_codes AS
 SELECT event_id,
        stream_id,
-       payload ->> 'sealed_code' AS sealed_code
+       payload ->> 'sealed_code' AS sealed_code,
+       COALESCE(payload ->> 'code_expires_at', payload ->> 'expires_at')::timestamptz AS code_expires_at
 FROM events
 WHERE payload ? 'sealed_code';
 
@@ -53,5 +56,8 @@ CREATE TABLE notifier_mails (
 );
 CREATE INDEX notifier_mails_due ON notifier_mails (next_attempt_at) WHERE status = 'pending';
 
+-- Like the other service roles: no object in `public` is reachable without
+-- USAGE on the schema (migration 5 revoked it from PUBLIC).
+GRANT USAGE ON SCHEMA public TO userstream_notifier;
 GRANT SELECT ON mail_codes TO userstream_notifier;
 GRANT SELECT, INSERT, UPDATE ON notifier_mails TO userstream_notifier;

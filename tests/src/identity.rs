@@ -14,10 +14,6 @@ MC4CAQAwBQYDK2VwBCIEIHTlCtD2pg6j+YyztTIam7Ap4u7cfBolXamS/5LFyrzD
 -----END PRIVATE KEY-----
 ";
 
-/// The key command APIs and notifiers of tests seal mailed codes with
-/// (`MAIL_CODE_KEY`). TEST KEY ONLY, never used anywhere else.
-pub const TEST_MAIL_CODE_KEY: &str = "dGVzdC1vbmx5LW1haWwtY29kZS1rZXktMzItYnl0ZXM=";
-
 /// The password of users the helpers register.
 pub const PASSWORD: &str = "correct horse battery staple";
 
@@ -212,7 +208,7 @@ pub fn code(body: &Value) -> &str {
 }
 
 /// The code last sealed in `user_id`'s stream for `purpose`, opened with
-/// [`TEST_MAIL_CODE_KEY`]: what the notifier would mail.
+/// the test key: what the notifier would mail.
 pub async fn last_code(
     pool: &sqlx::PgPool,
     user_id: Uuid,
@@ -234,8 +230,8 @@ pub async fn last_code(
     .fetch_one(pool)
     .await
     .expect("a sealed code in the stream");
-    let key = events::codes::CodeKey::from_base64(TEST_MAIL_CODE_KEY).unwrap();
-    key.open(purpose, user_id, &events::domain::SealedCode::new(sealed))
+    crate::mail::test_key()
+        .open(purpose, user_id, &events::domain::SealedCode::new(sealed))
         .expect("sealed with the test key")
         .expose()
         .to_owned()

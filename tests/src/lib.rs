@@ -20,6 +20,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
 pub mod identity;
+pub mod mail;
 pub mod read_side;
 pub mod relay;
 
@@ -66,6 +67,8 @@ pub struct TestEnv {
     pub pool: PgPool,
     pub topic: String,
     pub group_id: String,
+    /// The notifier's own consumer group in this test.
+    pub notifier_group_id: String,
     pub redis_prefix: String,
 }
 
@@ -107,6 +110,7 @@ impl TestEnv {
             pool,
             topic: format!("test.users.{suffix}"),
             group_id: format!("test-projector-{suffix}"),
+            notifier_group_id: format!("test-notifier-{suffix}"),
             redis_prefix: format!("test:{suffix}:"),
         }
     }
@@ -125,9 +129,13 @@ impl TestEnv {
             ("KAFKA_BROKERS", kafka_brokers()),
             ("KAFKA_TOPIC", self.topic.clone()),
             ("KAFKA_GROUP_ID", self.group_id.clone()),
+            ("NOTIFIER_GROUP_ID", self.notifier_group_id.clone()),
+            ("MAIL_CODE_KEY", mail::TEST_MAIL_CODE_KEY.to_owned()),
+            ("SMTP_HOST", mail::smtp_host()),
+            ("SMTP_PORT", mail::smtp_port()),
+            ("SMTP_TLS", "none".to_owned()),
             ("ADMIN_TOKEN", TEST_ADMIN_TOKEN.to_owned()),
             ("JWT_SIGNING_KEY", identity::TEST_SIGNING_KEY.to_owned()),
-            ("MAIL_CODE_KEY", identity::TEST_MAIL_CODE_KEY.to_owned()),
             // Admin tokens are made once per command API and kept.
             ("ACCESS_TOKEN_TTL_SECS", "3600".to_owned()),
             ("BIND_ADDR", "127.0.0.1:0".to_owned()),
@@ -315,6 +323,7 @@ pub enum Role {
     Command,
     Projector,
     Query,
+    Notifier,
 }
 
 impl Role {
@@ -324,6 +333,7 @@ impl Role {
             Self::Command => "userstream_command",
             Self::Projector => "userstream_projector",
             Self::Query => "userstream_query",
+            Self::Notifier => "userstream_notifier",
         }
     }
 }
@@ -346,6 +356,7 @@ pub enum Service {
     CommandApi,
     Projector,
     QueryApi,
+    Notifier,
 }
 
 impl Service {
@@ -355,6 +366,7 @@ impl Service {
             Self::CommandApi => Role::Command,
             Self::Projector => Role::Projector,
             Self::QueryApi => Role::Query,
+            Self::Notifier => Role::Notifier,
         }
     }
 
@@ -363,6 +375,7 @@ impl Service {
             Self::CommandApi => "command-api",
             Self::Projector => "projector",
             Self::QueryApi => "query-api",
+            Self::Notifier => "notifier",
         }
     }
 }

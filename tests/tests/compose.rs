@@ -11,11 +11,21 @@ use serde_yaml_ng::Value;
 
 const INFRASTRUCTURE: [&str; 3] = ["postgres", "redis", "kafka"];
 /// The application services, the binary each runs and the port it serves.
-const APPS: [(&str, u16); 3] = [
+const APPS: [(&str, u16); 4] = [
     ("command-api", 3001),
     ("query-api", 3002),
     ("projector", 3003),
+    ("notifier", 3004),
 ];
+
+/// The infrastructure each application service uses (the notifier has no
+/// use for Redis, and is the only one that sends mail).
+fn dependencies(app: &str) -> &'static [&'static str] {
+    match app {
+        "notifier" => &["postgres", "kafka", "smtp"],
+        _ => &INFRASTRUCTURE,
+    }
+}
 
 fn root() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
@@ -138,9 +148,13 @@ fn pinned_kafka_version() -> String {
 }
 
 #[test]
-fn compose_defines_the_six_services() {
+fn compose_defines_the_eight_services() {
     let compose = compose();
-    for name in INFRASTRUCTURE.into_iter().chain(APPS.map(|(name, _)| name)) {
+    for name in INFRASTRUCTURE
+        .into_iter()
+        .chain(["smtp"])
+        .chain(APPS.map(|(name, _)| name))
+    {
         service(&compose, name);
     }
 }
@@ -192,6 +206,8 @@ fn compose_publishes_the_documented_ports() {
         ("command-api", 3001),
         ("query-api", 3002),
         ("projector", 3003),
+        ("notifier", 3004),
+        ("smtp", 1025),
     ];
     for (name, port) in expected {
         let ports = published_ports(service(&compose, name));
@@ -248,7 +264,7 @@ fn compose_app_services_wait_for_healthy_dependencies() {
     let compose = compose();
     for (name, _) in APPS {
         let depends_on = &service(&compose, name)["depends_on"];
-        for dependency in INFRASTRUCTURE {
+        for &dependency in dependencies(name) {
             assert_eq!(
                 depends_on[dependency]["condition"].as_str(),
                 Some("service_healthy"),
@@ -274,16 +290,23 @@ fn compose_app_services_reach_the_stack_by_its_compose_service_hostnames() {
             "{name}: DATABASE_URL {database_url:?}"
         );
 
-        let redis_url = env_var(&compose, name, "REDIS_URL");
-        assert!(
-            redis_url.starts_with("redis://"),
-            "{name}: REDIS_URL {redis_url:?}"
-        );
-        assert_eq!(
-            host_of(&redis_url),
-            "redis",
-            "{name}: REDIS_URL {redis_url:?}"
-        );
+        if dependencies(name).contains(&"redis") {
+            let redis_url = env_var(&compose, name, "REDIS_URL");
+            assert!(
+                redis_url.starts_with("redis://"),
+                "{name}: REDIS_URL {redis_url:?}"
+            );
+            assert_eq!(
+                host_of(&redis_url),
+                "redis",
+                "{name}: REDIS_URL {redis_url:?}"
+            );
+        } else {
+            assert!(
+                env_var_opt(&compose, name, "REDIS_URL").is_none(),
+                "{name} has no use for Redis"
+            );
+        }
 
         let brokers = env_var(&compose, name, "KAFKA_BROKERS");
         for broker in brokers.split(',') {
@@ -359,7 +382,7 @@ fn compose_gives_the_admin_token_to_the_command_api_only() {
         token.chars().count() >= 16,
         "ADMIN_TOKEN {token:?} is too short for command-api"
     );
-    for name in ["query-api", "projector"] {
+    for name in ["query-api", "projector", "notifier"] {
         assert!(
             !environment(service(&compose, name)).contains_key("ADMIN_TOKEN"),
             "{name} has no use for ADMIN_TOKEN and must not get it"
@@ -389,7 +412,7 @@ fn compose_gives_the_signing_key_to_the_command_api_only() {
         host.contains("DEVELOPMENT-ONLY"),
         "the committed key is marked as development-only"
     );
-    for name in ["query-api", "projector"] {
+    for name in ["query-api", "projector", "notifier"] {
         let env = environment(service(&compose, name));
         assert!(
             !env.keys().any(|k| k.starts_with("JWT_")),
@@ -534,6 +557,7 @@ fn compose_migrates_as_the_owner_before_any_service_starts() {
         "userstream_command",
         "userstream_projector",
         "userstream_query",
+        "userstream_notifier",
     ] {
         assert!(
             init.contains(&format!("CREATE ROLE {role} LOGIN")),
@@ -549,6 +573,7 @@ fn compose_gives_each_service_its_own_database_role() {
         ("command-api", "userstream_command"),
         ("query-api", "userstream_query"),
         ("projector", "userstream_projector"),
+        ("notifier", "userstream_notifier"),
     ];
     for (name, role) in expected {
         let url = env_var(&compose, name, "DATABASE_URL");
@@ -567,4 +592,37 @@ fn compose_gives_each_service_its_own_database_role() {
 
 fn env_var_opt(compose: &Value, name: &str, var: &str) -> Option<String> {
     environment(service(compose, name)).get(var).cloned()
+}
+
+#[test]
+fn compose_notifier_sends_to_the_mail_sink_with_the_command_apis_code_key() {
+    let compose = compose();
+    let (repository, _) = image(&compose, "smtp");
+    assert_eq!(repository, "axllent/mailpit");
+    assert_eq!(env_var(&compose, "notifier", "SMTP_HOST"), "smtp");
+    let port: u16 = env_var(&compose, "notifier", "SMTP_PORT").parse().unwrap();
+    assert!(
+        published_ports(service(&compose, "smtp"))
+            .iter()
+            .any(|(_, target)| *target == port),
+        "the notifier's SMTP_PORT {port} is not the mail sink's"
+    );
+    let key = env_var(&compose, "notifier", "MAIL_CODE_KEY");
+    events::codes::CodeKey::from_base64(&key).expect("MAIL_CODE_KEY is a 32-byte key");
+    assert_eq!(
+        env_var(&compose, "command-api", "MAIL_CODE_KEY"),
+        key,
+        "the notifier opens what the command API seals"
+    );
+    assert_eq!(
+        read("stack/dev-keys/mail-code-key.DEVELOPMENT-ONLY.b64").trim(),
+        key,
+        "the development key is the one in stack/dev-keys"
+    );
+    for name in ["query-api", "projector"] {
+        assert!(
+            env_var_opt(&compose, name, "MAIL_CODE_KEY").is_none(),
+            "{name} has no use for the mail code key and must not get it"
+        );
+    }
 }

@@ -61,7 +61,7 @@ const DENIED: &str = "42501";
 async fn no_service_role_can_change_history_or_escape_the_triggers() {
     let env = TestEnv::new().await;
     seed(&env).await;
-    for role in [Role::Command, Role::Projector, Role::Query] {
+    for role in [Role::Command, Role::Projector, Role::Query, Role::Notifier] {
         for sql in [
             "UPDATE events SET payload = '{}'",
             "DELETE FROM events",
@@ -88,7 +88,13 @@ async fn no_service_role_can_change_history_or_escape_the_triggers() {
 #[tokio::test]
 async fn no_role_is_superuser_and_no_service_role_owns_the_log() {
     let env = TestEnv::new().await;
-    for role in [Role::Owner, Role::Command, Role::Projector, Role::Query] {
+    for role in [
+        Role::Owner,
+        Role::Command,
+        Role::Projector,
+        Role::Query,
+        Role::Notifier,
+    ] {
         let superuser: bool =
             sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = $1")
                 .bind(role.name())
@@ -182,4 +188,37 @@ async fn each_role_writes_only_its_own_tables() {
         refused(&env, Role::Query, "SELECT count(*) FROM user_views").await,
         None
     );
+}
+
+/// The notifier reads the sealed codes through `mail_codes` and nothing
+/// else of the log or the read models; it writes only its own table.
+#[tokio::test]
+async fn the_notifier_reads_sealed_codes_only_and_writes_only_its_mails() {
+    let env = TestEnv::new().await;
+    seed(&env).await;
+    for sql in [
+        "SELECT payload FROM events",
+        "SELECT * FROM events_public",
+        "SELECT * FROM user_views",
+        "SELECT * FROM user_identities",
+        "INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload) VALUES (gen_random_uuid(), 1, gen_random_uuid(), 'UserDeactivated', 1, '{}')",
+        "DELETE FROM notifier_mails",
+    ] {
+        assert_eq!(
+            refused(&env, Role::Notifier, sql).await.as_deref(),
+            Some(DENIED),
+            "the notifier may run {sql}"
+        );
+    }
+    for sql in [
+        "SELECT event_id, stream_id, sealed_code, code_expires_at FROM mail_codes",
+        "SELECT count(*) FROM notifier_mails",
+        "UPDATE notifier_mails SET status = 'pending' WHERE false",
+    ] {
+        assert_eq!(
+            refused(&env, Role::Notifier, sql).await,
+            None,
+            "the notifier cannot run {sql}"
+        );
+    }
 }
