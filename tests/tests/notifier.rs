@@ -47,6 +47,20 @@ fn only_mail(mails: &[Mail], address: &str, event_id: Uuid) -> Mail {
     mail
 }
 
+/// Waits until no row of the notifier's queue is pending: every mail has its
+/// outcome, and nothing more will be sent.
+async fn queue_drained(env: &TestEnv) {
+    eventually("the notifier's queue to drain", DEADLINE, || async {
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM notifier_mails WHERE status = 'pending'")
+                .fetch_one(&env.pool)
+                .await
+                .unwrap();
+        (pending == 0).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn each_mail_arrives_once_with_its_code_and_a_redelivery_sends_nothing_more() {
     let env = TestEnv::new().await;
@@ -140,10 +154,10 @@ async fn each_mail_arrives_once_with_its_code_and_a_redelivery_sends_nothing_mor
         },
     )
     .await;
-    // An absence cannot be polled for: give a wrongly re-queued mail ten of
-    // the sender's poll intervals (NOTIFIER_POLL_MS) to go out. This is what
-    // caught a dedup broken on purpose (ON CONFLICT … DO UPDATE).
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Once nothing is pending, nothing more can go out: a wrongly re-queued
+    // mail (a dedup broken on purpose, ON CONFLICT … DO UPDATE) is sent
+    // before the queue is empty, and counted below.
+    queue_drained(&env).await;
     assert_eq!(mails_to(&alice_at).len(), 2);
     assert_eq!(mails_to(&alice_new).len(), 1);
     assert_eq!(mails_to(&bob_at).len(), 1);
@@ -310,7 +324,7 @@ async fn mails_wait_out_a_mail_server_outage_and_then_arrive_exactly_once() {
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    queue_drained(&env).await;
     for (address, _, _) in &expected {
         assert_eq!(mails_to(address).len(), 1, "{address} got a copy");
     }
