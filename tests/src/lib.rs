@@ -430,13 +430,24 @@ impl Running {
         let _ = self.child.wait();
     }
 
-    /// Waits for the process to exit by itself.
+    /// Waits for the process to exit by itself; if it does not, fails with
+    /// the end of what it printed.
     pub async fn wait_exit(mut self, deadline: Duration) -> std::process::ExitStatus {
-        eventually("service to exit", deadline, || {
-            let status = self.child.try_wait().ok().flatten();
-            async move { status }
-        })
-        .await
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().ok().flatten() {
+                return status;
+            }
+            if started.elapsed() > deadline {
+                let logs = self.logs();
+                let tail = &logs[logs.len().saturating_sub(40)..];
+                panic!(
+                    "timed out after {deadline:?} waiting for the service to exit; its last lines:\n{}",
+                    tail.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The metric samples whose line starts with `prefix`, summed.

@@ -161,7 +161,12 @@ fn quoted_printable(text: &str) -> String {
 
 /// Appends `event` at `version` of `user`'s stream, as the owner of the
 /// test database; returns its event id (the topic's `ce_id`).
-pub async fn append(pool: &PgPool, user: Uuid, version: i32, event: &UserEvent) -> Uuid {
+pub async fn append<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    user: Uuid,
+    version: i32,
+    event: &UserEvent,
+) -> Uuid {
     let event_id = Uuid::now_v7();
     sqlx::query(
         "INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload) \
@@ -172,7 +177,7 @@ pub async fn append(pool: &PgPool, user: Uuid, version: i32, event: &UserEvent) 
     .bind(event_id)
     .bind(event.event_type())
     .bind(event.payload())
-    .execute(pool)
+    .execute(db)
     .await
     .expect("append an event");
     event_id

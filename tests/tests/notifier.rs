@@ -429,3 +429,86 @@ async fn an_undecodable_mail_message_is_counted_and_skipped_and_the_next_mail_go
     let logs = notifier.logs().join("\n");
     assert!(logs.contains("undecodable mail message skipped"), "{logs}");
 }
+
+/// Runs `sql` on the stack's admin database (not the test's own).
+async fn admin(sql: &str) {
+    let mut admin =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&userstream_tests::admin_database_url())
+            .await
+            .unwrap();
+    sqlx::query(sql).execute(&mut admin).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_database_outage_holds_mail_back_without_losing_the_group_or_a_mail() {
+    let env = TestEnv::new().await;
+    let key = test_key();
+    let _relay = env.spawn(Service::CommandApi, &[]).await;
+    let mut settings = QUICK_RETRIES.to_vec();
+    // librdkafka drops a consumer that stops polling for this long.
+    settings.extend([
+        ("KAFKA_SESSION_TIMEOUT_MS", "6000"),
+        ("KAFKA_CONFIG_MAX_POLL_INTERVAL_MS", "6000"),
+    ]);
+    let notifier = env.spawn(Service::Notifier, &settings).await;
+    let mail = |i: usize| {
+        let user = Uuid::now_v7();
+        let address = unique_address(&format!("dbdown{i}"));
+        let code = Code::generate();
+        let event = registered(&address, Some((&key, user, &code, in_minutes(60))));
+        (user, address, event)
+    };
+    let (user, first, event) = mail(0);
+    append(&env.pool, user, 1, &event).await;
+    wait_for_mails(&first, 1, DEADLINE).await;
+
+    // The notifier's database goes away: no new connection is allowed and
+    // its sessions are ended. (The test's writer and the relay keep the
+    // connections they have, so the log still grows and is published.)
+    let database = &env.database_name;
+    let mut writer = <sqlx::PgConnection as sqlx::Connection>::connect(&env.database_url)
+        .await
+        .unwrap();
+    admin(&format!(
+        "ALTER DATABASE {database} ALLOW_CONNECTIONS false"
+    ))
+    .await;
+    admin(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = '{database}' AND usename = 'userstream_notifier'"
+    ))
+    .await;
+    let mut expected = Vec::new();
+    for i in 1..=5 {
+        let (user, address, event) = mail(i);
+        append(&mut writer, user, 1, &event).await;
+        expected.push(address);
+    }
+    eventually("the consumer to fail to queue", DEADLINE, || async {
+        let errors = notifier
+            .metric("notifier_database_errors_total{task=\"consumer\"}")
+            .await;
+        (errors >= 1.0).then_some(())
+    })
+    .await;
+    let (status, _) = readyz(&notifier).await;
+    assert_eq!(status, 503, "PostgreSQL unreachable is not ready");
+    // The outage outlasts the poll interval librdkafka allows.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    admin(&format!("ALTER DATABASE {database} ALLOW_CONNECTIONS true")).await;
+
+    for address in &expected {
+        wait_for_mails(address, 1, DEADLINE).await;
+    }
+    queue_drained(&env).await;
+    for address in expected.iter().chain([&first]) {
+        assert_eq!(mails_to(address).len(), 1, "{address}");
+    }
+    let left_group: Vec<String> = notifier
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("poll interval") || l.contains("MAXPOLL"))
+        .collect();
+    assert!(left_group.is_empty(), "{left_group:#?}");
+    assert_eq!(readyz(&notifier).await.0, 200);
+}
