@@ -58,6 +58,16 @@ async fn count(api: &Api, id: Uuid, event_type: &str) -> i64 {
         .unwrap()
 }
 
+/// Waits for the code a `POST /password-resets` issues after its 202.
+async fn reset_code_issued(api: &Api, id: Uuid) {
+    eventually(
+        "the reset code is issued",
+        Duration::from_secs(5),
+        || async { (count(api, id, "PasswordResetRequested").await == 1).then_some(()) },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn the_registration_code_verifies_the_email_once() {
     let api = Api::start(&[]).await;
@@ -320,12 +330,7 @@ async fn a_password_reset_replaces_the_password_ends_sessions_and_lifts_a_lock()
     )
     .await;
     assert_eq!((status, &unknown), (202, &known));
-    eventually(
-        "the reset code is issued",
-        Duration::from_secs(5),
-        || async { (count(&api, id, "PasswordResetRequested").await == 1).then_some(()) },
-    )
-    .await;
+    reset_code_issued(&api, id).await;
     // Within RESET_RESEND_SECS no second code goes out.
     assert_eq!(
         post(&api, "/password-resets", None, json!({"email": email}))
@@ -407,12 +412,7 @@ async fn an_expired_reset_code_is_refused_and_wrong_codes_are_counted() {
             json!({"email": format!("{name}@example.com")}),
         )
         .await;
-        eventually(
-            "the reset code is issued",
-            Duration::from_secs(5),
-            || async { (count(&api, *id, "PasswordResetRequested").await == 1).then_some(()) },
-        )
-        .await;
+        reset_code_issued(&api, *id).await;
         codes.push(last_code(&api.env.pool, *id, Purpose::PasswordReset).await);
     }
     let body = |name: &str, code: &str| json!({"email": format!("{name}@example.com"), "code": code, "new_password": "a brand new passphrase"});
@@ -580,12 +580,7 @@ async fn no_code_shows_in_answers_history_or_logs() {
         json!({"email": format!("{name}@example.com")}),
     )
     .await;
-    eventually(
-        "the reset code is issued",
-        Duration::from_secs(5),
-        || async { (count(&api, id, "PasswordResetRequested").await == 1).then_some(()) },
-    )
-    .await;
+    reset_code_issued(&api, id).await;
     let email_code = last_code(&api.env.pool, id, Purpose::EmailVerification).await;
     let reset_code = last_code(&api.env.pool, id, Purpose::PasswordReset).await;
     let sealed: Vec<String> = sqlx::query_scalar(
