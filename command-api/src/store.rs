@@ -238,6 +238,11 @@ impl EventStore {
     /// cannot), by username otherwise; `identifier` is normalised.
     #[tracing::instrument(name = "sql_find_user", skip_all)]
     pub async fn find_user(&self, identifier: &str) -> Result<Option<Uuid>, sqlx::Error> {
+        // PostgreSQL text cannot hold NUL, and no registered name or address
+        // contains one: such a sign-in name is unknown, not a server error.
+        if identifier.contains('\0') {
+            return Ok(None);
+        }
         let sql = if identifier.contains('@') {
             "SELECT user_id FROM user_identities WHERE email = $1"
         } else {

@@ -201,7 +201,13 @@ async fn an_unknown_user_and_a_wrong_password_cost_one_verification_and_answer_a
     let (unknown_status, unknown) =
         password_grant(&api.http, &api.service, "nobody-here", "not the password").await;
     let after_unknown = api.verifies().await;
+    // A name PostgreSQL cannot even hold (a NUL byte) is just another unknown user.
+    let (nul_status, nul) =
+        password_grant(&api.http, &api.service, "nobody\0here", "not the password").await;
+    let after_nul = api.verifies().await;
     assert_eq!((wrong_status, &wrong), (unknown_status, &unknown));
+    assert_eq!((wrong_status, &wrong), (nul_status, &nul));
+    assert_eq!(after_nul - after_unknown, 1.0, "and a name with a NUL byte");
     assert_eq!(wrong["error"], "invalid_grant");
     assert_eq!(
         after_wrong - before,
