@@ -33,7 +33,11 @@ pub struct Settings {
     pub hash_queue_capacity: usize,
     /// `REGISTRATION_RATE_PER_MINUTE` (default 20, 0 disables) and
     /// `REGISTRATION_BURST` (default 10): `POST /users` per client address.
-    pub registration_limit: RegistrationLimit,
+    pub registration_limit: ClientQuota,
+    /// `SIGN_IN_RATE_PER_MINUTE` (default 60, 0 disables) and `SIGN_IN_BURST`
+    /// (default 20): password grants and password-reset requests and
+    /// completions per client address, together.
+    pub sign_in_limit: ClientQuota,
     /// `REQUEST_TIMEOUT_MS`, default 10 000.
     pub request_timeout: Duration,
     /// `IDEMPOTENCY_TTL_SECS`: how long an Idempotency-Key answers retries, default 24 h.
@@ -80,12 +84,12 @@ pub struct IdentitySettings {
     pub lockout: LockoutPolicy,
 }
 
-/// The per-client rate limit on registration (a GCRA token bucket).
+/// A per-client rate limit (a GCRA token bucket).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RegistrationLimit {
-    /// Registrations a client may start per minute, sustained; 0 disables the limit.
+pub struct ClientQuota {
+    /// Requests a client may make per minute, sustained; 0 disables the limit.
     pub per_minute: u32,
-    /// How many a client may start at once before the rate applies (at least 1).
+    /// How many a client may make at once before the rate applies (at least 1).
     pub burst: u32,
 }
 
@@ -147,9 +151,13 @@ impl Settings {
             admin_token: admin_token.into(),
             hash_concurrency,
             hash_queue_capacity: parse("HASH_QUEUE_CAPACITY", 16 * hash_concurrency)?.max(1),
-            registration_limit: RegistrationLimit {
+            registration_limit: ClientQuota {
                 per_minute: parse("REGISTRATION_RATE_PER_MINUTE", 20)?,
                 burst: parse("REGISTRATION_BURST", 10)?.max(1),
+            },
+            sign_in_limit: ClientQuota {
+                per_minute: parse("SIGN_IN_RATE_PER_MINUTE", 60)?,
+                burst: parse("SIGN_IN_BURST", 20)?.max(1),
             },
             request_timeout: Duration::from_millis(parse("REQUEST_TIMEOUT_MS", 10_000)?),
             idempotency_ttl: Duration::from_secs(parse("IDEMPOTENCY_TTL_SECS", 86_400)?),

@@ -11,7 +11,7 @@ use platform::shutdown::Shutdown;
 use platform::tasks::Tasks;
 
 use crate::config::Settings;
-use crate::http::rate_limit::RegistrationLimiter;
+use crate::http::rate_limit::{ClientLimiter, Limits};
 use crate::http::{self, AppState};
 use crate::password::Hasher;
 use crate::relay::{Relay, RelayStatus};
@@ -28,7 +28,7 @@ pub struct Application {
     listener: tokio::net::TcpListener,
     router: axum::Router,
     relay: Option<Relay>,
-    registration_limiter: RegistrationLimiter,
+    limits: Limits,
     lag_monitor: Option<(PgPool, String, RelayStatus)>,
     store: EventStore,
     sessions: Sessions,
@@ -126,7 +126,10 @@ impl Application {
             settings.identity.lockout,
             decoy,
         );
-        let registration_limiter = RegistrationLimiter::new(settings.registration_limit);
+        let limits = Limits {
+            registration: ClientLimiter::new("registration", settings.registration_limit),
+            sign_in: ClientLimiter::new("sign_in", settings.sign_in_limit),
+        };
         let (trigger, shutdown) = platform::shutdown::channel();
         let tasks = Tasks::new(trigger, shutdown.clone());
         let state = AppState {
@@ -140,7 +143,7 @@ impl Application {
             sign_in,
             relay: status,
             idempotency_ttl: settings.idempotency_ttl,
-            registration_limiter: registration_limiter.clone(),
+            limits: limits.clone(),
             tasks: tasks.clone(),
         };
         let listener = tokio::net::TcpListener::bind(settings.bind_addr)
@@ -150,7 +153,7 @@ impl Application {
             listener,
             router: http::router(state, settings.request_timeout),
             relay,
-            registration_limiter,
+            limits,
             lag_monitor,
             store,
             sessions,
@@ -180,7 +183,7 @@ impl Application {
         }
         tasks.spawn(
             "rate_limit_sweeper",
-            forget_idle_clients(self.registration_limiter, tasks.shutdown()),
+            forget_idle_clients(self.limits, tasks.shutdown()),
         );
         tasks.spawn(
             "idempotency_sweeper",
@@ -243,13 +246,10 @@ async fn sweep_idempotency_keys(
 
 /// Drops the rate-limit state of clients that have been quiet long enough for
 /// their quota to refill, so it takes memory only for recent clients.
-async fn forget_idle_clients(
-    limiter: RegistrationLimiter,
-    mut shutdown: platform::shutdown::Shutdown,
-) {
+async fn forget_idle_clients(limits: Limits, mut shutdown: platform::shutdown::Shutdown) {
     loop {
         tokio::select! {
-            () = tokio::time::sleep(SWEEP_EVERY) => limiter.forget_idle(),
+            () = tokio::time::sleep(SWEEP_EVERY) => limits.forget_idle(),
             () = shutdown.requested() => return,
         }
     }

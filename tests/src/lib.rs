@@ -144,6 +144,7 @@ impl TestEnv {
             // Tests register many users from one address at once; the tests of
             // the rate limit and of the bounded hashing queue set their own.
             ("REGISTRATION_RATE_PER_MINUTE", "0".to_owned()),
+            ("SIGN_IN_RATE_PER_MINUTE", "0".to_owned()),
             ("HASH_QUEUE_CAPACITY", "1024".to_owned()),
         ])
     }

@@ -744,3 +744,73 @@ async fn the_bootstrap_token_only_grants_roles() {
         .await;
     assert_eq!(status, 200, "the administrator it made can");
 }
+
+#[tokio::test]
+async fn password_grants_and_resets_over_a_clients_quota_get_429_without_a_verification() {
+    let api = Api::start(&[("SIGN_IN_RATE_PER_MINUTE", "1"), ("SIGN_IN_BURST", "2")]).await;
+    let (_, name) = api.user().await;
+    // Two attempts of this client's quota: one sign-in, one wrong password.
+    let (status, signed_in) = password_grant(&api.http, &api.service, &name, PASSWORD).await;
+    assert_eq!(status, 200, "{signed_in}");
+    let (status, wrong) = password_grant(&api.http, &api.service, &name, "wrong guess").await;
+    assert_eq!(
+        (status, wrong["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
+
+    let before = api.verifies().await;
+    let (status, headers, limited) = api
+        .token(&[
+            ("grant_type", "password"),
+            ("username", &name),
+            ("password", PASSWORD),
+        ])
+        .await;
+    assert_eq!(
+        (status, limited["error"].as_str()),
+        (429, Some("slow_down"))
+    );
+    assert_eq!(headers["cache-control"], "no-store");
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    assert_eq!(api.verifies().await, before, "no verification ran");
+
+    // The reset endpoints draw on the same quota (a completion hashes too).
+    for (path, body) in [
+        (
+            "/password-resets",
+            json!({"email": format!("{name}@example.com")}),
+        ),
+        (
+            "/password-resets/complete",
+            json!({"email": format!("{name}@example.com"), "code": "12345678", "new_password": "another long passphrase"}),
+        ),
+    ] {
+        let response = api
+            .http
+            .post(api.service.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 429, "{path}");
+        assert!(response.headers().contains_key("retry-after"));
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(code(&body), "rate_limited", "{path}");
+    }
+
+    // Refresh grants hash nothing and are not counted.
+    let (status, refreshed) = api
+        .refresh(signed_in["refresh_token"].as_str().unwrap())
+        .await;
+    assert_eq!(status, 200, "{refreshed}");
+
+    // Another client (another loopback address) has its own quota.
+    let other = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let (status, body) = password_grant(&other, &api.service, &name, PASSWORD).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(api.verifies().await, before + 1.0);
+}

@@ -50,7 +50,8 @@ pub struct AppState {
     pub codes: CodeSettings,
     /// Reset requests being worked on after their 202.
     pub reset_requests: password_reset::ResetRequests,
-    pub registration_limiter: rate_limit::RegistrationLimiter,
+    /// The per-client quotas.
+    pub limits: rate_limit::Limits,
     /// The background tasks, for `/readyz`.
     pub tasks: platform::tasks::Tasks,
 }

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::error::ApiError;
+use super::rate_limit::Client;
 use super::AppState;
 use crate::domain::roles::scopes;
 use crate::domain::sign_in::{may_check, Refusal};
@@ -133,7 +134,8 @@ pub struct TokenResponse {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct OAuthErrorBody {
     /// `invalid_request`, `invalid_grant`, `unsupported_grant_type`,
-    /// `unsupported_token_type`, `temporarily_unavailable` or `server_error`.
+    /// `unsupported_token_type`, `slow_down` (429), `temporarily_unavailable`
+    /// or `server_error`.
     pub error: &'static str,
     pub error_description: String,
 }
@@ -187,12 +189,17 @@ impl IntoResponse for OAuthError {
                     .headers()
                     .get(header::RETRY_AFTER)
                     .cloned();
-                let error = if status == StatusCode::SERVICE_UNAVAILABLE {
-                    "temporarily_unavailable"
-                } else {
-                    "server_error"
+                let (error, description) = match status {
+                    StatusCode::SERVICE_UNAVAILABLE => ("temporarily_unavailable", "try again later"),
+                    // RFC 8628's code for a client that must slow down; 429
+                    // and Retry-After say by how much.
+                    StatusCode::TOO_MANY_REQUESTS => (
+                        "slow_down",
+                        "too many sign-in attempts from this client; retry after Retry-After seconds",
+                    ),
+                    _ => ("server_error", "try again later"),
                 };
-                let mut response = oauth_body(status, error, "try again later".to_owned());
+                let mut response = oauth_body(status, error, description.to_owned());
                 if let Some(retry_after) = retry_after {
                     response
                         .headers_mut()
@@ -268,19 +275,22 @@ fn client_id(value: Option<String>) -> Result<String, OAuthError> {
             ("Cache-Control" = String, description = "no-store"))),
         (status = 400, description = "`invalid_request`, `invalid_grant` (wrong credentials, or an unknown, locked or deactivated user: one answer for all; or a refresh token that is unknown, expired, revoked or already used, which revokes its whole session) or `unsupported_grant_type`", body = OAuthErrorBody),
         (status = 413, description = "Body over 16 KiB", body = platform::http::ErrorBody),
+        (status = 429, description = "`slow_down`: this client made more password grants and password-reset requests than its quota (refresh grants are not counted)", body = OAuthErrorBody, headers(
+            ("Retry-After" = u64, description = "Seconds until this client may try again"))),
         (status = 500, description = "`server_error`", body = OAuthErrorBody),
         (status = 503, description = "`temporarily_unavailable`: the password hashing queue is full (with `Retry-After`) or PostgreSQL is unavailable", body = OAuthErrorBody),
     ))]
 #[tracing::instrument(name = "oauth_token", skip_all)]
 pub(crate) async fn token(
     State(state): State<AppState>,
+    client: Client,
     headers: HeaderMap,
     body: Result<Form<TokenRequest>, FormRejection>,
 ) -> Result<Response, OAuthError> {
     let request = form(body)?;
     let grant_type = required(request.grant_type.clone(), "grant_type")?;
     let issued = match grant_type.as_str() {
-        "password" => password_grant(&state, &headers, request).await,
+        "password" => password_grant(&state, client, &headers, request).await,
         "refresh_token" => refresh_grant(&state, request).await,
         _ => Err(OAuthError::UnsupportedGrantType),
     };
@@ -294,9 +304,11 @@ pub(crate) async fn token(
 
 async fn password_grant(
     state: &AppState,
+    client: Client,
     headers: &HeaderMap,
     request: TokenRequest,
 ) -> Result<TokenResponse, OAuthError> {
+    state.limits.sign_in.admit(client)?;
     let username = required(request.username, "username")?;
     let password = required(request.password, "password")?;
     let client_id = client_id(request.client_id)?;

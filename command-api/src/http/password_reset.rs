@@ -24,6 +24,7 @@ use super::commands::{metadata, run_decision, CommandRequest, Decided};
 use super::error::ApiError;
 use super::idempotency;
 use super::json::JsonBody;
+use super::rate_limit::WithinSignInQuota;
 use super::AppState;
 use crate::domain::codes::CodeRefusal;
 use crate::domain::{password_reset, User};
@@ -99,12 +100,15 @@ pub struct CompleteReset {
         (status = 413, description = "Body over 16 KiB (`payload_too_large`)", body = ErrorBody),
         (status = 415, description = "Body not sent as application/json (`unsupported_media_type`)", body = ErrorBody),
         (status = 422, description = "Invalid or unknown fields (`validation_failed`)", body = ErrorBody),
+        (status = 429, description = "This client made more password grants and password-reset requests than its quota (`rate_limited`)", body = ErrorBody, headers(
+            ("Retry-After" = u64, description = "Seconds until this client may try again"))),
         (status = 500, description = "An unexpected failure (`internal`)", body = ErrorBody),
         (status = 503, description = "Too many reset requests in progress (`overloaded`), or the request timed out", body = ErrorBody),
     ))]
 #[tracing::instrument(name = "request_password_reset", skip_all)]
 pub(crate) async fn request(
     State(state): State<AppState>,
+    _quota: WithinSignInQuota,
     headers: HeaderMap,
     JsonBody(body): JsonBody<ResetRequest>,
 ) -> Result<Response, ApiError> {
@@ -189,12 +193,15 @@ async fn send_code(state: AppState, email: String, metadata: EventMetadata) -> a
         (status = 413, description = "Body over 16 KiB (`payload_too_large`)", body = ErrorBody),
         (status = 415, description = "Body not sent as application/json (`unsupported_media_type`)", body = ErrorBody),
         (status = 422, description = "Invalid or unknown fields (`validation_failed`)", body = ErrorBody),
+        (status = 429, description = "This client made more password grants and password-reset requests than its quota (`rate_limited`)", body = ErrorBody, headers(
+            ("Retry-After" = u64, description = "Seconds until this client may try again"))),
         (status = 500, description = "An unexpected failure (`internal`)", body = ErrorBody),
         (status = 503, description = "The hashing queue is full (`overloaded`), PostgreSQL unavailable or the request timed out", body = ErrorBody),
     ))]
 #[tracing::instrument(name = "complete_password_reset", skip_all)]
 pub(crate) async fn complete(
     State(state): State<AppState>,
+    _quota: WithinSignInQuota,
     headers: HeaderMap,
     JsonBody(body): JsonBody<CompleteReset>,
 ) -> Result<Response, ApiError> {

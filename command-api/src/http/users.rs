@@ -18,7 +18,7 @@ use super::commands::{lookup, metadata, run_command, Accepted, CommandRequest};
 use super::error::ApiError;
 use super::idempotency::{self, Caller, Idempotent};
 use super::json::{JsonBody, OptionalJsonBody};
-use super::rate_limit::WithinRateLimit;
+use super::rate_limit::WithinRegistrationQuota;
 use super::AppState;
 use crate::domain::{decide, Command, User};
 use crate::sessions::Revoke;
@@ -101,7 +101,7 @@ pub struct StatusRequest {
 #[tracing::instrument(name = "register_user", skip_all)]
 pub(crate) async fn register(
     State(state): State<AppState>,
-    _quota: WithinRateLimit,
+    _quota: WithinRegistrationQuota,
     headers: HeaderMap,
     JsonBody(body): JsonBody<RegisterRequest>,
 ) -> Result<Response, ApiError> {
