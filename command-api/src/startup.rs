@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::Context;
 use sqlx::PgPool;
 
-use platform::shutdown::Shutdown;
 use platform::tasks::Tasks;
 
 use crate::config::Settings;
@@ -33,7 +32,6 @@ pub struct Application {
     store: EventStore,
     sessions: Sessions,
     tasks: Tasks,
-    shutdown: Shutdown,
 }
 
 /// How often the relay lag is measured.
@@ -131,7 +129,7 @@ impl Application {
             sign_in: ClientLimiter::new("sign_in", settings.sign_in_limit),
         };
         let (trigger, shutdown) = platform::shutdown::channel();
-        let tasks = Tasks::new(trigger, shutdown.clone());
+        let tasks = Tasks::new(trigger, shutdown);
         let state = AppState {
             store: store.clone(),
             hasher,
@@ -158,7 +156,6 @@ impl Application {
             store,
             sessions,
             tasks,
-            shutdown,
         })
     }
 
@@ -170,7 +167,6 @@ impl Application {
     /// or until a background task (relay, lag monitor, sweepers) ends or
     /// panics: then /readyz fails at once and the process ends with an error.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let addr = self.local_addr()?;
         let tasks = self.tasks;
         let relay = self
             .relay
@@ -189,26 +185,20 @@ impl Application {
             "idempotency_sweeper",
             sweep_idempotency_keys(self.store, self.sessions, tasks.shutdown()),
         );
-        // Handlers first: a signal right after "listening" must not be lost.
-        let signal = platform::shutdown::signal();
-        tracing::info!(%addr, service = "command-api", "listening");
-        let stopper = tasks.clone();
-        let mut stopped = self.shutdown.clone();
-        let served = platform::http::serve(self.listener, self.router, async move {
-            tokio::select! {
-                () = signal => stopper.stop(),
-                () = stopped.requested() => {}
+        let finish = async {
+            if let Some(relay) = relay {
+                // The relay hands its lead back and stops publishing.
+                let _ = relay.await;
             }
-        })
-        .await;
-        if let Some(relay) = relay {
-            // The relay hands its lead back and stops publishing.
-            let _ = relay.await;
-        }
-        if let Some(failure) = tasks.failure() {
-            anyhow::bail!("{failure}");
-        }
-        served.context("the HTTP server failed")
+        };
+        platform::http::serve_until_stopped(
+            "command-api",
+            self.listener,
+            self.router,
+            &tasks,
+            finish,
+        )
+        .await
     }
 }
 

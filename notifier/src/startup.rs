@@ -11,7 +11,6 @@ use axum::extract::State;
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
-use platform::shutdown::Shutdown;
 use platform::tasks::Tasks;
 use sqlx::PgPool;
 use tokio::sync::Notify;
@@ -32,7 +31,6 @@ pub struct Application {
     sender: Sender,
     wake: Arc<Notify>,
     tasks: Tasks,
-    shutdown: Shutdown,
 }
 
 #[derive(Clone)]
@@ -60,7 +58,7 @@ impl Application {
             .context("cannot create the Kafka consumer")?;
         let sender = Sender::new(pool.clone(), mailer, Arc::clone(&settings));
         let (trigger, shutdown) = platform::shutdown::channel();
-        let tasks = Tasks::new(trigger, shutdown.clone());
+        let tasks = Tasks::new(trigger, shutdown);
         let router = Router::new()
             .route("/healthz", get(platform::http::healthz))
             .route("/readyz", get(readyz))
@@ -80,7 +78,6 @@ impl Application {
             sender,
             wake,
             tasks,
-            shutdown,
         })
     }
 
@@ -91,32 +88,21 @@ impl Application {
     /// Runs until SIGINT/SIGTERM, or until a background task fails: then
     /// /readyz fails at once and the process ends with an error.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let addr = self.local_addr()?;
         let tasks = self.tasks;
         let consumer = tasks.spawn("consumer", self.worker.run_until_stopped(tasks.shutdown()));
         tasks.spawn(
             "sender",
             self.sender.run_until_stopped(self.wake, tasks.shutdown()),
         );
-        // Handlers first: a signal right after "listening" must not be lost.
-        let signal = platform::shutdown::signal();
-        tracing::info!(%addr, service = "notifier", "listening");
-        let stopper = tasks.clone();
-        let mut stopped = self.shutdown.clone();
-        let served = platform::http::serve(self.listener, self.router, async move {
-            tokio::select! {
-                () = signal => stopper.stop(),
-                () = stopped.requested() => {}
+        let finish = async {
+            if tokio::time::timeout(STOP_WAIT, consumer).await.is_err() {
+                tracing::warn!(
+                    "the consumer did not stop in time; offsets re-read on the next start"
+                );
             }
-        })
-        .await;
-        if tokio::time::timeout(STOP_WAIT, consumer).await.is_err() {
-            tracing::warn!("the consumer did not stop in time; offsets re-read on the next start");
-        }
-        if let Some(failure) = tasks.failure() {
-            anyhow::bail!("{failure}");
-        }
-        served.context("the HTTP server failed")
+        };
+        platform::http::serve_until_stopped("notifier", self.listener, self.router, &tasks, finish)
+            .await
     }
 }
 

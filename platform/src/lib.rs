@@ -1,6 +1,7 @@
-//! Plumbing shared by command-api, query-api and projector, so none of them copies it.
+//! Plumbing shared by the userstream services (command-api, query-api, projector, notifier), so none of them copies it.
 
 pub mod config;
+pub mod consumer;
 pub mod db;
 pub mod http;
 pub mod kafka;

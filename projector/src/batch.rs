@@ -27,7 +27,7 @@ use read_model::{rows, state, Namespace, ViewCache, ViewRows};
 use uuid::Uuid;
 
 use crate::log;
-use crate::message::{Message, Unreadable};
+use crate::message::{decode, Message, Unreadable};
 use crate::parked::{self, Park, Reason};
 
 /// The read model the projector writes.
@@ -104,7 +104,7 @@ impl ReadModel {
         let mut parks: Vec<Park> = Vec::new();
         let mut events: Vec<(usize, IntegrationEvent)> = Vec::new();
         for (index, message) in messages.iter().enumerate() {
-            match message.decode() {
+            match decode(message) {
                 Ok(event) => events.push((index, event)),
                 Err(Unreadable::UnknownType(t)) => parks.push(Park::new(
                     index,

@@ -10,7 +10,6 @@ use axum::extract::State;
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
-use platform::shutdown::Shutdown;
 use platform::tasks::Tasks;
 use read_model::{ViewCache, ViewRows};
 
@@ -29,7 +28,6 @@ pub struct Application {
     model: ReadModel,
     settings: Settings,
     tasks: Tasks,
-    shutdown: Shutdown,
 }
 
 #[derive(Clone)]
@@ -54,7 +52,7 @@ impl Application {
         let worker =
             Worker::new(&settings, model.clone()).context("cannot create the Kafka consumer")?;
         let (trigger, shutdown) = platform::shutdown::channel();
-        let tasks = Tasks::new(trigger, shutdown.clone());
+        let tasks = Tasks::new(trigger, shutdown);
         let router = Router::new()
             .route("/healthz", get(platform::http::healthz))
             .route("/readyz", get(readyz))
@@ -73,7 +71,6 @@ impl Application {
             model,
             settings,
             tasks,
-            shutdown,
         })
     }
 
@@ -84,7 +81,6 @@ impl Application {
     /// Runs until SIGINT/SIGTERM, or until a background task fails: then
     /// /readyz fails at once and the process ends with an error.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let addr = self.local_addr()?;
         let tasks = self.tasks;
         let consumer = tasks.spawn("consumer", self.worker.run_until_stopped(tasks.shutdown()));
         tasks.spawn(
@@ -107,25 +103,15 @@ impl Application {
                 tasks.shutdown(),
             ),
         );
-        // Handlers first: a signal right after "listening" must not be lost.
-        let signal = platform::shutdown::signal();
-        tracing::info!(%addr, service = "projector", "listening");
-        let stopper = tasks.clone();
-        let mut stopped = self.shutdown.clone();
-        let served = platform::http::serve(self.listener, self.router, async move {
-            tokio::select! {
-                () = signal => stopper.stop(),
-                () = stopped.requested() => {}
+        let finish = async {
+            if tokio::time::timeout(STOP_WAIT, consumer).await.is_err() {
+                tracing::warn!(
+                    "the consumer did not stop in time; offsets re-read on the next start"
+                );
             }
-        })
-        .await;
-        if tokio::time::timeout(STOP_WAIT, consumer).await.is_err() {
-            tracing::warn!("the consumer did not stop in time; offsets re-read on the next start");
-        }
-        if let Some(failure) = tasks.failure() {
-            anyhow::bail!("{failure}");
-        }
-        served.context("the HTTP server failed")
+        };
+        platform::http::serve_until_stopped("projector", self.listener, self.router, &tasks, finish)
+            .await
     }
 }
 

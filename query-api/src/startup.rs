@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use platform::shutdown::Shutdown;
 use platform::tasks::Tasks;
 use read_model::{ViewCache, ViewRows};
 
@@ -19,7 +18,6 @@ pub struct Application {
     listener: tokio::net::TcpListener,
     router: axum::Router,
     state: Arc<AppState>,
-    shutdown: Shutdown,
 }
 
 impl Application {
@@ -34,7 +32,7 @@ impl Application {
             rows: ViewRows::new(pool),
             cache,
             gate: Gate::default(),
-            tasks: Tasks::new(trigger, shutdown.clone()),
+            tasks: Tasks::new(trigger, shutdown),
             token: settings.token.clone(),
             waiters: VersionWaiters::default(),
             read_wait: settings.read_wait,
@@ -51,7 +49,6 @@ impl Application {
             listener,
             router: http::router(state.clone(), settings.request_timeout),
             state,
-            shutdown,
         })
     }
 
@@ -62,7 +59,6 @@ impl Application {
     /// Serves until SIGINT/SIGTERM, or until a background task (the
     /// projection-state feed, the version waiters) fails: then /readyz fails at once and the process ends with an error.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let addr = self.local_addr()?;
         let tasks = self.state.tasks.clone();
         tasks.spawn(
             "projection_state_feed",
@@ -79,21 +75,13 @@ impl Application {
                 tasks.shutdown(),
             ),
         );
-        // Handlers first: a signal right after "listening" must not be lost.
-        let signal = platform::shutdown::signal();
-        tracing::info!(%addr, service = "query-api", "listening");
-        let stopper = tasks.clone();
-        let mut stopped = self.shutdown;
-        let served = platform::http::serve(self.listener, self.router, async move {
-            tokio::select! {
-                () = signal => stopper.stop(),
-                () = stopped.requested() => {}
-            }
-        })
-        .await;
-        if let Some(failure) = tasks.failure() {
-            anyhow::bail!("{failure}");
-        }
-        served.context("the HTTP server failed")
+        platform::http::serve_until_stopped(
+            "query-api",
+            self.listener,
+            self.router,
+            &tasks,
+            async {},
+        )
+        .await
     }
 }
