@@ -206,6 +206,68 @@ pub async fn await_version(
     .await
 }
 
+/// Appends `events` (type, payload) to `user`'s stream after `version`, in
+/// one transaction, as the command API would: for events a test needs in
+/// the log as they are, whatever a command would decide.
+pub async fn append_raw(pool: &sqlx::PgPool, user: Uuid, version: i32, events: &[(&str, Value)]) {
+    let types: Vec<&str> = events.iter().map(|(t, _)| *t).collect();
+    let payloads: Vec<Value> = events.iter().map(|(_, p)| p.clone()).collect();
+    sqlx::query(
+        "INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version, payload) \
+         SELECT $1, $2 + e.n::int, gen_random_uuid(), e.event_type, 1, e.payload \
+         FROM UNNEST($3::text[], $4::jsonb[]) WITH ORDINALITY AS e(event_type, payload, n) \
+         ORDER BY e.n",
+    )
+    .bind(user)
+    .bind(version)
+    .bind(&types)
+    .bind(&payloads)
+    .execute(pool)
+    .await
+    .expect("append to the log");
+}
+
+/// `GET path` on the query API, checked against its own /openapi.json
+/// (`spec`), where `route` is the documented path.
+pub async fn get_documented(query: &Running, spec: &Value, route: &str, path: &str) -> Value {
+    let response = reqwest::get(query.url(path)).await.unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(status, 200, "GET {path}: {body}");
+    let documented = &spec["paths"][route]["get"]["responses"]["200"];
+    let errors = crate::schema_errors(spec, documented, &body);
+    assert!(errors.is_empty(), "GET {path}: {errors:?} {body}");
+    body
+}
+
+/// The settled Redis entry of `id` at `version` in the trusted namespace.
+/// Reads through the query API meanwhile: only a read fills the cache, and
+/// the keeper may open the namespace after the first read.
+pub async fn cached_body(
+    env: &TestEnv,
+    cache: &read_model::ViewCache,
+    query: &Running,
+    id: Uuid,
+    version: i32,
+) -> Value {
+    let http = reqwest::Client::new();
+    eventually(
+        &format!("Redis to hold {id} at version {version}"),
+        Duration::from_secs(60),
+        || async {
+            read_user(&http, query, id).await;
+            let current = read_model::state::load(&env.pool).await.ok()?;
+            match cache.get(current.namespace()?, id, 0).await.ok()? {
+                read_model::Lookup::Hit(hit) if hit.version == version => {
+                    serde_json::from_str(&hit.body).ok()
+                }
+                _ => None,
+            }
+        },
+    )
+    .await
+}
+
 #[derive(sqlx::FromRow)]
 struct LoggedEvent {
     global_position: i64,
