@@ -400,6 +400,61 @@ async fn a_password_reset_replaces_the_password_ends_sessions_and_lifts_a_lock()
 }
 
 #[tokio::test]
+async fn a_retried_reset_completion_with_its_key_gets_the_first_answer_only_for_its_password() {
+    let api = Api::start(&[]).await;
+    let (id, name) = api.user().await;
+    let email = format!("{name}@example.com");
+    assert_eq!(
+        post(&api, "/password-resets", None, json!({"email": email}))
+            .await
+            .0,
+        202
+    );
+    reset_code_issued(&api, id).await;
+    let sent = last_code(&api.env.pool, id, Purpose::PasswordReset).await;
+    let complete = |password: &str| json!({"email": email, "code": sent, "new_password": password});
+    let keyed = |body: Value, key: &'static str| {
+        let api = &api;
+        async move {
+            send(
+                api,
+                reqwest::Method::POST,
+                "/password-resets/complete",
+                None,
+                &[("idempotency-key", key)],
+                body,
+            )
+            .await
+        }
+    };
+
+    let (status, first) = keyed(complete("a brand new passphrase"), "reset-1").await;
+    assert_eq!(status, 200, "{first}");
+    let events = count(&api, id, "PasswordReset").await;
+    // The connection dropped; the client retries with the same key and body.
+    let (status, again) = keyed(complete("a brand new passphrase"), "reset-1").await;
+    assert_eq!((status, &again), (200, &first));
+    // The same key, address and code with another password is no replay: the
+    // code is used.
+    let (status, other) = keyed(complete("another passphrase!!"), "reset-1").await;
+    assert_eq!((status, code(&other)), (400, "invalid_code"));
+    // Nor is the same body under another key, or none.
+    let (status, other) = keyed(complete("a brand new passphrase"), "reset-2").await;
+    assert_eq!((status, code(&other)), (400, "invalid_code"));
+    assert_eq!(
+        count(&api, id, "PasswordReset").await,
+        events,
+        "nothing appended twice"
+    );
+    assert_eq!(
+        password_grant(&api.http, &api.service, &name, "a brand new passphrase")
+            .await
+            .0,
+        200
+    );
+}
+
+#[tokio::test]
 async fn an_expired_reset_code_is_refused_and_wrong_codes_are_counted() {
     let api = Api::start(&[("RESET_CODE_TTL_SECS", "2"), ("CODE_MAX_ATTEMPTS", "2")]).await;
     let (guessed, expired) = (api.user().await, api.user().await);

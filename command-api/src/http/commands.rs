@@ -7,6 +7,7 @@ use axum::response::Response;
 use chrono::{DateTime, Utc};
 use events::domain::EventMetadata;
 use events::UserEvent;
+use secrecy::SecretString;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -157,6 +158,42 @@ pub(crate) async fn run_decision(
     request: CommandRequest<'_>,
     decide: impl Fn(&User, DateTime<Utc>) -> Result<Decided, ApiError>,
 ) -> Result<Response, ApiError> {
+    run_decision_replaying(state, request, decide, ReplayCheck::Fingerprint).await
+}
+
+/// What a retry under the same `Idempotency-Key` must match to get the first
+/// answer.
+pub(crate) enum ReplayCheck<'a> {
+    /// The fingerprint (checked by the look-up).
+    Fingerprint,
+    /// Also the password a reset set, which the fingerprint must not hold:
+    /// one argon2 verification.
+    ResetPassword(&'a SecretString),
+}
+
+impl ReplayCheck<'_> {
+    pub(crate) async fn replay(
+        &self,
+        state: &AppState,
+        answer: &StoredAnswer,
+    ) -> Result<Response, ApiError> {
+        match self {
+            Self::Fingerprint => Ok(idempotency::replay(answer)),
+            Self::ResetPassword(password) => {
+                super::password_reset::replay_reset(state, answer, password).await
+            }
+        }
+    }
+}
+
+/// [`run_decision`], with `check` applied to a retry under the same
+/// `Idempotency-Key` (found before the decision, or won by a racing request).
+pub(crate) async fn run_decision_replaying(
+    state: &AppState,
+    request: CommandRequest<'_>,
+    decide: impl Fn(&User, DateTime<Utc>) -> Result<Decided, ApiError>,
+    check: ReplayCheck<'_>,
+) -> Result<Response, ApiError> {
     let CommandRequest {
         id,
         headers,
@@ -168,12 +205,12 @@ pub(crate) async fn run_decision(
     let precondition = if_match(headers);
     let idempotent = Idempotent::new(
         idempotency::key(headers)?,
-        Caller::Principal(actor),
+        Caller::acting(actor),
         route,
         fingerprint,
     );
     if let Some(answer) = lookup(state, idempotent.as_ref()).await? {
-        return Ok(idempotency::replay(&answer));
+        return check.replay(state, &answer).await;
     }
     let metadata = metadata(headers, actor, idempotent.as_ref().map(Idempotent::key));
     let claim = idempotent
@@ -231,7 +268,7 @@ pub(crate) async fn run_decision(
             }
             Err(AppendError::IdempotencyKeyTaken) => {
                 return match lookup(state, idempotent.as_ref()).await? {
-                    Some(answer) => Ok(idempotency::replay(&answer)),
+                    Some(answer) => check.replay(state, &answer).await,
                     None => Err(ApiError::ConcurrentModification),
                 };
             }

@@ -51,10 +51,25 @@ pub fn fingerprint(parts: &[&str]) -> String {
 /// Who sends a command, as far as its idempotency key is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Caller<'a> {
-    /// No credentials: registration.
+    /// No credentials: registration, password-reset completion.
     Anonymous,
-    /// An authenticated principal (today the bootstrap `admin`).
+    /// An authenticated principal: a user id, or the bootstrap `admin`.
     Principal(&'a str),
+}
+
+/// The actor recorded for commands sent without credentials.
+pub const ANONYMOUS: &str = "anonymous";
+
+impl<'a> Caller<'a> {
+    /// The caller an event's `actor` names: principals are user ids or the
+    /// bootstrap `admin`, never [`ANONYMOUS`].
+    pub fn acting(actor: &'a str) -> Self {
+        if actor == ANONYMOUS {
+            Self::Anonymous
+        } else {
+            Self::Principal(actor)
+        }
+    }
 }
 
 /// The scope a key lives in: the caller and the route template (`route` is

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::error::ApiError;
+use super::idempotency::ANONYMOUS;
 use super::rate_limit::Client;
 use super::AppState;
 use crate::domain::roles::scopes;
@@ -434,9 +435,6 @@ fn issue(
 fn sign_in_metadata(headers: &HeaderMap) -> EventMetadata {
     super::commands::metadata(headers, ANONYMOUS, None)
 }
-
-/// The actor of sign-in events: whoever tried is not known to be the user.
-const ANONYMOUS: &str = "anonymous";
 
 /// `POST /oauth/revoke`, form-encoded (RFC 7009).
 #[derive(Deserialize, utoipa::ToSchema)]

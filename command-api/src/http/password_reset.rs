@@ -14,22 +14,25 @@ use axum::{Json, Router};
 use chrono::Utc;
 use events::codes::{Code, Purpose};
 use events::domain::EventMetadata;
+use events::UserEvent;
 use platform::http::ErrorBody;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use super::commands::{metadata, run_decision, CommandRequest, Decided};
+use super::commands::{
+    lookup, metadata, run_decision_replaying, CommandRequest, Decided, ReplayCheck,
+};
 use super::error::ApiError;
-use super::idempotency;
+use super::idempotency::{self, Caller, Idempotent, ANONYMOUS};
 use super::json::JsonBody;
 use super::rate_limit::WithinSignInQuota;
 use super::AppState;
 use crate::domain::codes::CodeRefusal;
 use crate::domain::{password_reset, User};
 use crate::sessions::Revoke;
-use crate::store::{AppendError, Emails};
+use crate::store::{AppendError, Emails, StoredAnswer};
 use crate::validation::{self, FieldErrors};
 
 pub fn router() -> Router<AppState> {
@@ -39,7 +42,6 @@ pub fn router() -> Router<AppState> {
 }
 
 const COMPLETE_ROUTE: &str = "POST /password-resets/complete";
-const ANONYMOUS: &str = "anonymous";
 
 /// Reset requests being worked on at once; more answer 503 (which says
 /// nothing about any address) instead of queueing without bound.
@@ -185,6 +187,7 @@ async fn send_code(state: AppState, email: String, metadata: EventMetadata) -> a
     request_body(content = CompleteReset, content_type = "application/json"),
     params(
         ("X-Request-Id" = Option<String>, Header, nullable = false, description = "Correlation id recorded with the events"),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, description = "A retry with the same key, address and code gets the first answer if its new password is the one that reset set (checked against its hash); otherwise it is a new attempt with a used code. 1–255 visible ASCII characters", pattern = "^[!-~]{1,255}$"),
     ),
     responses(
         (status = 200, description = "PasswordReset appended", body = super::commands::Accepted, headers(("ETag" = String, description = "The quoted version"))),
@@ -219,25 +222,34 @@ pub(crate) async fn complete(
             fields: errors.0,
         });
     };
+    // A retry under the same key, address and code (anonymous keys are
+    // scoped by both) gets the first answer if its password is the one the
+    // reset set: one argon2 verification instead of the hash below.
+    let code: String = body
+        .code
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '-'))
+        .collect();
+    let fingerprint = idempotency::fingerprint(&[COMPLETE_ROUTE, &email, &code]);
+    let key = idempotency::key(&headers)?;
+    let idempotent = Idempotent::new(key, Caller::Anonymous, COMPLETE_ROUTE, fingerprint.clone());
+    let new_password = SecretString::from(body.new_password);
+    let check = ReplayCheck::ResetPassword(&new_password);
+    if let Some(answer) = lookup(&state, idempotent.as_ref()).await? {
+        return check.replay(&state, &answer).await;
+    }
     // The hash comes first, for every request: an unknown address and a
     // wrong code cost the same, and the code is checked only where its
     // outcome is appended.
-    let password_hash = state
-        .hasher
-        .hash(SecretString::from(body.new_password))
-        .await?;
+    let password_hash = state.hasher.hash(new_password.clone()).await?;
     let Some(id) = state.store.find_user(&email).await? else {
         return Err(ApiError::Code(CodeRefusal::Invalid));
     };
-    // Anonymous callers cannot be told apart: no idempotency key is used
-    // (a retry after success answers invalid_code; the reset stands).
-    let mut headers = headers;
-    headers.remove(idempotency::HEADER);
     let request = CommandRequest {
         id,
         headers: &headers,
         route: COMPLETE_ROUTE,
-        fingerprint: String::new(),
+        fingerprint,
         actor: ANONYMOUS,
         revoke: Revoke::All {
             because: "password reset",
@@ -245,7 +257,7 @@ pub(crate) async fn complete(
     };
     let key = state.codes.key.clone();
     let max_attempts = state.codes.max_attempts;
-    run_decision(&state, request, |user, now| {
+    let decide = |user: &User, now| {
         let decision = password_reset::complete(
             user,
             id,
@@ -260,6 +272,32 @@ pub(crate) async fn complete(
             refusal: decision.refusal.map(ApiError::Code),
             emails: Emails::Unchanged,
         })
-    })
-    .await
+    };
+    run_decision_replaying(&state, request, decide, check).await
+}
+
+/// Replays a completed reset only for the password it set (the hash is in
+/// its event); any other password is a new attempt with a used code.
+pub(crate) async fn replay_reset(
+    state: &AppState,
+    answer: &StoredAnswer,
+    new_password: &SecretString,
+) -> Result<Response, ApiError> {
+    let history = state.store.load(answer.stream_id).await?;
+    let set = history
+        .into_iter()
+        .take(usize::try_from(answer.appended.version).unwrap_or(0))
+        .rev()
+        .find_map(|event| match event {
+            UserEvent::PasswordReset(reset) => Some(reset.password_hash),
+            _ => None,
+        });
+    let Some(set) = set else {
+        return Err(ApiError::Code(CodeRefusal::Invalid));
+    };
+    if state.hasher.verify(new_password.clone(), set).await? {
+        Ok(idempotency::replay(answer))
+    } else {
+        Err(ApiError::Code(CodeRefusal::Invalid))
+    }
 }

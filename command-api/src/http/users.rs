@@ -16,7 +16,7 @@ use uuid::Uuid;
 use super::auth::Admin;
 use super::commands::{lookup, metadata, run_command, Accepted, CommandRequest};
 use super::error::ApiError;
-use super::idempotency::{self, Caller, Idempotent};
+use super::idempotency::{self, Caller, Idempotent, ANONYMOUS};
 use super::json::{JsonBody, OptionalJsonBody};
 use super::rate_limit::WithinRegistrationQuota;
 use super::AppState;
@@ -190,9 +190,6 @@ pub(crate) async fn register(
         Err(other) => Err(other.into()),
     }
 }
-
-/// The actor recorded for commands sent without credentials.
-const ANONYMOUS: &str = "anonymous";
 
 /// Replays a registration only for the same password: the first request's
 /// hash is in the log, so the check costs one argon2 verification.
