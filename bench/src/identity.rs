@@ -25,7 +25,7 @@ const PASSWORD: &str = "bench password 123";
 
 const QUIET: [(&str, &str); 3] = [
     ("RELAY_ENABLED", "false"),
-    ("RUST_LOG", "warn,command_api::startup=info"),
+    ("RUST_LOG", "warn,platform::service=info"),
     ("DATABASE_MAX_CONNECTIONS", "32"),
 ];
 

@@ -126,7 +126,7 @@ pub async fn projection(plan: &Plan, run: usize) -> anyhow::Result<CatchUp> {
     let relay = env
         .spawn(
             Service::CommandApi,
-            &[("RUST_LOG", "warn,command_api::startup=info")],
+            &[("RUST_LOG", "warn,platform::service=info")],
         )
         .await;
     let give_up = Instant::now() + PATIENCE;
@@ -152,7 +152,7 @@ pub async fn projection(plan: &Plan, run: usize) -> anyhow::Result<CatchUp> {
     let projector = env
         .spawn(
             Service::Projector,
-            &[("RUST_LOG", "warn,projector::startup=info"), VIEW_TTL],
+            &[("RUST_LOG", "warn,platform::service=info"), VIEW_TTL],
         )
         .await;
     let consumed = || async {

@@ -64,7 +64,7 @@ FROM generate_series(1, $1) n";
 /// pool as large as pgbench's client count.
 fn settings(redis: Option<&str>) -> Vec<(&'static str, String)> {
     let mut settings = vec![
-        ("RUST_LOG", "warn,query_api::startup=info".to_owned()),
+        ("RUST_LOG", "warn,platform::service=info".to_owned()),
         ("DATABASE_MAX_CONNECTIONS", POOL.to_string()),
     ];
     if let Some(url) = redis {

@@ -148,7 +148,7 @@ pub async fn drain(plan: &Plan, run: usize) -> anyhow::Result<Drain> {
     let relay = env
         .spawn(
             Service::CommandApi,
-            &[("RUST_LOG", "warn,command_api::startup=info")],
+            &[("RUST_LOG", "warn,platform::service=info")],
         )
         .await;
     let checkpoint = || async {

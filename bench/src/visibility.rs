@@ -300,7 +300,7 @@ pub async fn visibility(plan: &Plan, run: usize) -> anyhow::Result<Visibility> {
         .spawn(
             Service::CommandApi,
             &[
-                ("RUST_LOG", "warn,command_api::startup=info"),
+                ("RUST_LOG", "warn,platform::service=info"),
                 ("DATABASE_MAX_CONNECTIONS", "32"),
             ],
         )
@@ -308,13 +308,13 @@ pub async fn visibility(plan: &Plan, run: usize) -> anyhow::Result<Visibility> {
     let projector = env
         .spawn(
             Service::Projector,
-            &[("RUST_LOG", "warn,projector::startup=info"), VIEW_TTL],
+            &[("RUST_LOG", "warn,platform::service=info"), VIEW_TTL],
         )
         .await;
     let query_api = env
         .spawn(
             Service::QueryApi,
-            &[("RUST_LOG", "warn,query_api::startup=info"), VIEW_TTL],
+            &[("RUST_LOG", "warn,platform::service=info"), VIEW_TTL],
         )
         .await;
     let http = reqwest::Client::new();

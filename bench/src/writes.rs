@@ -43,7 +43,7 @@ pub struct StatusChanges {
 /// own (relay.rs), and logging is kept to warnings.
 const QUIET: [(&str, &str); 3] = [
     ("RELAY_ENABLED", "false"),
-    ("RUST_LOG", "warn,command_api::startup=info"),
+    ("RUST_LOG", "warn,platform::service=info"),
     ("DATABASE_MAX_CONNECTIONS", "32"),
 ];
 

@@ -191,7 +191,7 @@ impl Application {
                 let _ = relay.await;
             }
         };
-        platform::http::serve_until_stopped(
+        platform::service::serve_until_stopped(
             "command-api",
             self.listener,
             self.router,

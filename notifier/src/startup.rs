@@ -101,8 +101,14 @@ impl Application {
                 );
             }
         };
-        platform::http::serve_until_stopped("notifier", self.listener, self.router, &tasks, finish)
-            .await
+        platform::service::serve_until_stopped(
+            "notifier",
+            self.listener,
+            self.router,
+            &tasks,
+            finish,
+        )
+        .await
     }
 }
 

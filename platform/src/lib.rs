@@ -5,6 +5,7 @@ pub mod consumer;
 pub mod db;
 pub mod http;
 pub mod kafka;
+pub mod service;
 pub mod shutdown;
 pub mod tasks;
 pub mod telemetry;

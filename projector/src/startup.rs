@@ -110,8 +110,14 @@ impl Application {
                 );
             }
         };
-        platform::http::serve_until_stopped("projector", self.listener, self.router, &tasks, finish)
-            .await
+        platform::service::serve_until_stopped(
+            "projector",
+            self.listener,
+            self.router,
+            &tasks,
+            finish,
+        )
+        .await
     }
 }
 

@@ -36,7 +36,7 @@ impl Application {
             token: settings.token.clone(),
             waiters: VersionWaiters::default(),
             read_wait: settings.read_wait,
-            loads: Loads::default(),
+            loads: Loads::new(settings.database.max_connections as usize),
         });
         if let Err(error) = state.gate.prime(state.rows.pool()).await {
             // The feed task retries; until then reads use PostgreSQL only.
@@ -75,7 +75,7 @@ impl Application {
                 tasks.shutdown(),
             ),
         );
-        platform::http::serve_until_stopped(
+        platform::service::serve_until_stopped(
             "query-api",
             self.listener,
             self.router,

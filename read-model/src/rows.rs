@@ -90,6 +90,21 @@ impl ViewRows {
         row.map(UserView::try_from).transpose()
     }
 
+    /// The views of those of `ids` the projector has built, in one statement.
+    #[tracing::instrument(name = "sql_load_views_by_id", skip_all, fields(users = ids.len()))]
+    pub async fn load_each(&self, ids: &[Uuid]) -> Result<Vec<UserView>, sqlx::Error> {
+        if let [id] = ids {
+            return Ok(self.load(*id).await?.into_iter().collect());
+        }
+        let rows: Vec<ViewRow> = sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM user_views WHERE id = ANY($1)"
+        ))
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        into_views(rows)
+    }
+
     /// Writes `view` only if the stored row is exactly one version behind (or
     /// absent for version 1). Returns false when another writer got there
     /// first. Used by tests that seed a view without the projector.

@@ -466,6 +466,70 @@ async fn concurrent_misses_for_one_user_are_one_postgres_read() {
     assert_eq!(query.metric("query_view_loads_total").await, 1.0);
 }
 
+/// While the pool's reads are busy, misses of different users wait and then
+/// go to PostgreSQL together: 70 concurrent misses of 60 users and 10
+/// unknown ids, with 4 connections, take a handful of statements, and each
+/// request still gets its own user (or 404).
+#[tokio::test]
+async fn concurrent_misses_of_many_users_are_read_in_batches_and_each_gets_its_own() {
+    let env = TestEnv::new().await;
+    let rows = ViewRows::new(env.pool.clone());
+    let mut users = Vec::new();
+    for i in 0..60 {
+        let stored = view(&format!("batch{i}"), UserStatus::Active, 1);
+        assert!(rows.store_next(&stored).await.unwrap());
+        users.push((stored.id, Some(stored.username)));
+    }
+    users.extend((0..10).map(|_| (Uuid::new_v4(), None)));
+    let query = env
+        .spawn(
+            Service::QueryApi,
+            &[
+                ("REDIS_URL", "redis://127.0.0.1:1"),
+                ("DATABASE_MAX_CONNECTIONS", "4"),
+            ],
+        )
+        .await;
+    // The reads wait on this lock until all seventy have missed.
+    let mut lock = env.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE user_views IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let reads: Vec<_> = users
+        .iter()
+        .map(|(id, _)| {
+            let (http, url) = (http.clone(), query.url(&format!("/users/{id}")));
+            tokio::spawn(async move {
+                let response = http.get(url).send().await.unwrap();
+                let status = response.status().as_u16();
+                (status, response.json::<Value>().await.unwrap())
+            })
+        })
+        .collect();
+    eventually("seventy reads to miss", Duration::from_secs(20), || async {
+        (query.metric("query_cache_total").await >= 70.0).then_some(())
+    })
+    .await;
+    lock.rollback().await.unwrap();
+    for ((id, username), read) in users.iter().zip(reads) {
+        let (status, body) = read.await.unwrap();
+        match username {
+            Some(username) => {
+                assert_eq!(status, 200, "{id}: {body}");
+                assert_eq!(body["id"], id.to_string());
+                assert_eq!(body["username"], username.as_str());
+            }
+            None => assert_eq!(status, 404, "{id}: {body}"),
+        }
+    }
+    // At most 4 statements were waiting on the lock; the rest waited for them
+    // and went in one statement per reader.
+    let loads = query.metric("query_view_loads_total").await;
+    assert!(loads <= 8.0, "{loads} statements for 70 misses");
+}
+
 /// The query API's pool hands out connections without pinging them first
 /// (`connect_for_reads`, one round trip less per read). When PostgreSQL drops
 /// every session it holds, each dead connection fails at most the one read
