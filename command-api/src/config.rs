@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use events::codes::CodeKey;
 
-use crate::domain::password_reset::IssuePolicy;
+use crate::domain::codes::IssuePolicy;
 use crate::domain::sign_in::LockoutPolicy;
 use crate::tokens::TokenSettings;
 
@@ -55,9 +55,10 @@ pub struct CodeSettings {
     /// random bytes in base64 (`openssl rand -base64 32`), shared with the
     /// notifier and nobody else; there is no built-in one.
     pub key: Arc<CodeKey>,
-    /// `EMAIL_CODE_TTL_SECS`: how long an email verification code is valid,
-    /// default 24 h.
-    pub email_ttl: chrono::Duration,
+    /// `EMAIL_CODE_TTL_SECS` (how long an email verification code is valid,
+    /// default 24 h) and `EMAIL_RESEND_SECS` (default 60: no second
+    /// verification mail for a user within this time).
+    pub email: IssuePolicy,
     /// `RESET_CODE_TTL_SECS` (default 1800) and `RESET_RESEND_SECS` (default
     /// 60: no second reset mail to a user within this time).
     pub reset: IssuePolicy,
@@ -257,7 +258,12 @@ impl CodeSettings {
         };
         Ok(Self {
             key: Arc::new(key),
-            email_ttl: seconds("EMAIL_CODE_TTL_SECS", 86_400)?,
+            email: IssuePolicy {
+                ttl: seconds("EMAIL_CODE_TTL_SECS", 86_400)?,
+                resend_after: chrono::Duration::seconds(
+                    parse::<i64>("EMAIL_RESEND_SECS", 60)?.max(0),
+                ),
+            },
             reset: IssuePolicy {
                 ttl: seconds("RESET_CODE_TTL_SECS", 1800)?,
                 resend_after: chrono::Duration::seconds(

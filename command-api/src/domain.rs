@@ -106,6 +106,9 @@ pub enum DomainError {
     RoleNotGranted,
     #[error("this address is already the user's verified email")]
     EmailUnchanged,
+    /// A code went to this user less than the resend interval ago.
+    #[error("a code was sent moments ago; retry in {retry_after_secs} s")]
+    CodeRecentlySent { retry_after_secs: u64 },
 }
 
 /// What a command decided: the events to append, and, when the command is

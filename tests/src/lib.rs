@@ -145,6 +145,9 @@ impl TestEnv {
             // the rate limit and of the bounded hashing queue set their own.
             ("REGISTRATION_RATE_PER_MINUTE", "0".to_owned()),
             ("SIGN_IN_RATE_PER_MINUTE", "0".to_owned()),
+            // Tests ask for email codes in quick succession; the test of the
+            // resend interval sets its own.
+            ("EMAIL_RESEND_SECS", "0".to_owned()),
             ("HASH_QUEUE_CAPACITY", "1024".to_owned()),
         ])
     }

@@ -237,6 +237,46 @@ async fn an_email_change_reserves_the_new_address_and_swaps_it_only_when_confirm
 }
 
 #[tokio::test]
+async fn no_second_email_code_goes_out_within_the_resend_interval() {
+    let api = Api::start(&[("EMAIL_RESEND_SECS", "3600")]).await;
+    let (id, name) = api.user().await;
+    let token = sign_in(&api.http, &api.service, &name).await;
+    let before = count(&api, id, "EmailVerificationRequested").await;
+    // The registration's code went out just now: neither the same address
+    // nor another one gets a mail (a user cannot have someone else's inbox
+    // mailed over and over).
+    for address in [format!("{name}@example.com"), "victim@example.net".into()] {
+        let response = api
+            .http
+            .post(api.service.url(&format!("/users/{id}/email")))
+            .bearer_auth(&token)
+            .json(&json!({ "email": address }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 429, "{address}");
+        let retry: u64 = response.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((3500..=3600).contains(&retry), "Retry-After {retry}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(code(&body), "rate_limited");
+    }
+    assert_eq!(count(&api, id, "EmailVerificationRequested").await, before);
+    // Nothing was reserved: someone else may register that address.
+    let (status, body) = post(
+        &api,
+        "/users",
+        None,
+        json!({"username": format!("{name}v"), "email": "victim@example.net", "password": PASSWORD}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+}
+
+#[tokio::test]
 async fn a_second_change_releases_the_first_address_and_taken_addresses_are_refused() {
     let api = Api::start(&[]).await;
     let (id, name) = api.user().await;

@@ -2,10 +2,30 @@
 //! expiry and a count of wrong tries. What a typed code does is decided here
 //! for both purposes (email verification and password reset).
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Duration, Utc};
 use events::codes::{CodeKey, Purpose};
 use events::domain::SealedCode;
 use uuid::Uuid;
+
+/// How codes are issued.
+#[derive(Debug, Clone, Copy)]
+pub struct IssuePolicy {
+    /// How long a code is valid.
+    pub ttl: Duration,
+    /// No new code within this time of the last one: repeated requests
+    /// cannot flood the user's mailbox.
+    pub resend_after: Duration,
+}
+
+impl IssuePolicy {
+    /// How long until a new code may go out, if `last` (the outstanding
+    /// code) went out less than `resend_after` ago. Codes carry their
+    /// expiry, so the time they went out is read as expiry minus `ttl`.
+    pub fn retry_after(&self, last: Option<&MailedCode>, now: DateTime<Utc>) -> Option<Duration> {
+        let allowed_at = last?.expires_at - self.ttl + self.resend_after;
+        (allowed_at > now).then(|| allowed_at - now)
+    }
+}
 
 /// An outstanding code.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use events::domain::{EmailCodeFailed, EmailVerificationRequested, EmailVerified,
 use events::UserEvent;
 use uuid::Uuid;
 
-use super::codes::{self, Checked, CodeRefusal};
+use super::codes::{self, Checked, CodeRefusal, IssuePolicy};
 use super::{Decision, DomainError, Status, User};
 
 fn must_be_active(user: &User) -> Result<(), DomainError> {
@@ -22,17 +22,27 @@ fn must_be_active(user: &User) -> Result<(), DomainError> {
 
 /// A code to `email` (normalised): the current address again while it is
 /// unverified, or a new address to change to. The new code replaces any
-/// outstanding one (and its reservation, see [`reserved`]).
+/// outstanding one (and its reservation, see [`reserved`]). No code goes out
+/// within `policy.resend_after` of the last one, whatever the address: a
+/// user cannot make the service mail someone else's address over and over.
 pub fn request(
     user: &User,
     email: &str,
     sealed_code: SealedCode,
-    expires_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+    policy: IssuePolicy,
 ) -> Result<Vec<UserEvent>, DomainError> {
     must_be_active(user)?;
     if email == user.email && user.email_verified {
         return Err(DomainError::EmailUnchanged);
     }
+    if let Some(wait) = policy.retry_after(user.email_code.as_ref(), now) {
+        let millis = u64::try_from(wait.num_milliseconds()).unwrap_or(0);
+        return Err(DomainError::CodeRecentlySent {
+            retry_after_secs: millis.div_ceil(1000).max(1),
+        });
+    }
+    let expires_at = now + policy.ttl;
     Ok(vec![UserEvent::EmailVerificationRequested(
         EmailVerificationRequested {
             email: email.to_owned(),
@@ -88,8 +98,15 @@ pub fn pending_change(user: &User) -> Option<&str> {
 mod tests {
     use super::*;
     use crate::domain::codes::tests::test_key;
+    use chrono::Duration;
     use events::codes::Code;
     use events::domain::{PasswordHash, UserDeactivated, UserRegistered};
+
+    /// Codes valid for an hour (as [`registered`]'s), sent again at once.
+    const NO_WAIT: IssuePolicy = IssuePolicy {
+        ttl: Duration::hours(1),
+        resend_after: Duration::zero(),
+    };
 
     fn registered(user: Uuid, code: &Code) -> Vec<UserEvent> {
         vec![UserEvent::Registered(UserRegistered {
@@ -134,7 +151,8 @@ mod tests {
                 &state,
                 "alice@example.com",
                 SealedCode::new("x".into()),
-                Utc::now()
+                Utc::now(),
+                NO_WAIT,
             ),
             Err(DomainError::EmailUnchanged)
         );
@@ -146,13 +164,13 @@ mod tests {
         let mut history = registered(user, &Code::generate());
         let code = Code::generate();
         let sealed = test_key().seal(Purpose::EmailVerification, user, &code);
-        let expires = Utc::now() + chrono::Duration::hours(1);
         history.extend(
             request(
                 &User::from_events(&history),
                 "alice@new.example",
                 sealed,
-                expires,
+                Utc::now(),
+                NO_WAIT,
             )
             .unwrap(),
         );
@@ -199,9 +217,47 @@ mod tests {
                 &state,
                 "b@example.com",
                 SealedCode::new("x".into()),
-                Utc::now()
+                Utc::now(),
+                NO_WAIT,
             ),
             Err(DomainError::Deactivated)
         );
+    }
+
+    #[test]
+    fn no_second_code_goes_out_within_the_resend_interval_whatever_the_address() {
+        let policy = IssuePolicy {
+            ttl: Duration::hours(1),
+            resend_after: Duration::minutes(1),
+        };
+        let user = Uuid::new_v4();
+        // The registration's code went out just now.
+        let state = User::from_events(&registered(user, &Code::generate()));
+        let now = Utc::now();
+        for address in ["alice@example.com", "someone.else@example.com"] {
+            let refused = request(&state, address, SealedCode::new("x".into()), now, policy);
+            assert!(
+                matches!(
+                    refused,
+                    Err(DomainError::CodeRecentlySent {
+                        retry_after_secs: 1..=60
+                    })
+                ),
+                "{address}: {refused:?}"
+            );
+        }
+        let later = now + Duration::seconds(61);
+        let events = request(
+            &state,
+            "someone.else@example.com",
+            SealedCode::new("x".into()),
+            later,
+            policy,
+        )
+        .unwrap();
+        assert!(matches!(
+            events.as_slice(),
+            [UserEvent::EmailVerificationRequested(requested)] if requested.expires_at == later + policy.ttl
+        ));
     }
 }

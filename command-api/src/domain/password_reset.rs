@@ -2,24 +2,14 @@
 //! refusal looks the same ([`CodeRefusal::Invalid`]) and a request for an
 //! address that has no active user does nothing visible.
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use events::codes::{CodeKey, Purpose};
 use events::domain::{PasswordReset, PasswordResetFailed, PasswordResetRequested, SealedCode};
 use events::{PasswordHash, UserEvent};
 use uuid::Uuid;
 
-use super::codes::{self, Checked, CodeRefusal};
+use super::codes::{self, Checked, CodeRefusal, IssuePolicy};
 use super::{Decision, Status, User};
-
-/// How codes are issued.
-#[derive(Debug, Clone, Copy)]
-pub struct IssuePolicy {
-    /// How long a code is valid.
-    pub ttl: Duration,
-    /// No new code within this time of the last one: repeated requests
-    /// cannot flood the user's mailbox.
-    pub resend_after: Duration,
-}
 
 /// A reset code to the user's current address, unless the user is not
 /// active or a code went out less than `resend_after` ago.
@@ -32,11 +22,7 @@ pub fn request(
     if user.status != Status::Active {
         return Vec::new();
     }
-    let recently_sent = user
-        .reset_code
-        .as_ref()
-        .is_some_and(|code| code.expires_at - policy.ttl + policy.resend_after > now);
-    if recently_sent {
+    if policy.retry_after(user.reset_code.as_ref(), now).is_some() {
         return Vec::new();
     }
     vec![UserEvent::PasswordResetRequested(PasswordResetRequested {
@@ -84,6 +70,7 @@ pub fn complete(
 mod tests {
     use super::*;
     use crate::domain::codes::tests::test_key;
+    use chrono::Duration;
     use events::codes::Code;
     use events::domain::{UserDeactivated, UserLocked, UserRegistered};
 

@@ -7,7 +7,6 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::post;
 use axum::Router;
-use chrono::Utc;
 use events::codes::{Code, Purpose};
 use platform::http::ErrorBody;
 use serde::Deserialize;
@@ -73,6 +72,8 @@ pub struct VerifyRequest {
         (status = 413, description = "Body over 16 KiB (`payload_too_large`)", body = ErrorBody),
         (status = 415, description = "Body not sent as application/json (`unsupported_media_type`)", body = ErrorBody),
         (status = 422, description = "Invalid or unknown fields (`validation_failed`), or an Idempotency-Key used for another address (`idempotency_key_reused`)", body = ErrorBody),
+        (status = 429, description = "A code went to this user less than `EMAIL_RESEND_SECS` ago, to whichever address (`rate_limited`)", body = ErrorBody, headers(
+            ("Retry-After" = u64, description = "Seconds until a new code may be asked for"))),
         (status = 500, description = "An unexpected failure (`internal`)", body = ErrorBody),
         (status = 503, description = "PostgreSQL unavailable or the request timed out", body = ErrorBody),
     ))]
@@ -95,7 +96,7 @@ pub(crate) async fn request(
     };
     let code = Code::generate();
     let sealed = state.codes.key.seal(Purpose::EmailVerification, id, &code);
-    let expires_at = Utc::now() + state.codes.email_ttl;
+    let policy = state.codes.email;
     let request = CommandRequest {
         id,
         headers: &headers,
@@ -104,15 +105,15 @@ pub(crate) async fn request(
         actor: &actor,
         revoke: Revoke::Nothing,
     };
-    run_decision(&state, request, |user, _now| {
-        let events = email::request(user, &address, sealed.clone(), expires_at)?;
+    run_decision(&state, request, |user, now| {
+        let events = email::request(user, &address, sealed.clone(), now, policy)?;
         let new_address = (address != user.email).then(|| address.clone());
         Ok(Decided {
             events,
             refusal: None,
             emails: Emails::Reserve {
                 email: new_address,
-                until: expires_at,
+                until: now + policy.ttl,
             },
         })
     })

@@ -199,6 +199,9 @@ impl From<DomainError> for ApiError {
     fn from(e: DomainError) -> Self {
         match e {
             DomainError::NotFound => Self::UserNotFound,
+            DomainError::CodeRecentlySent { retry_after_secs } => {
+                Self::RateLimited { retry_after_secs }
+            }
             other => Self::StateConflict(other),
         }
     }

@@ -156,7 +156,7 @@ pub(crate) async fn register(
             email: email.clone(),
             password_hash,
             sealed_code: state.codes.key.seal(Purpose::EmailVerification, id, &code),
-            code_expires_at: now + state.codes.email_ttl,
+            code_expires_at: now + state.codes.email.ttl,
         },
         now,
     )?;
