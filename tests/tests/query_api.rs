@@ -433,6 +433,29 @@ async fn with_a_query_api_token_reads_need_it_and_operations_do_not() {
 }
 
 /// Fifty concurrent misses for one user are one PostgreSQL read.
+/// Holds every read of `user_views` back until the transaction ends.
+async fn lock_views(env: &TestEnv) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut lock = env.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE user_views IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    lock
+}
+
+/// No Redis (nothing listens on port 1): every read misses, with `pool`
+/// PostgreSQL connections.
+async fn without_redis(env: &TestEnv, pool: &str) -> Running {
+    env.spawn(
+        Service::QueryApi,
+        &[
+            ("REDIS_URL", "redis://127.0.0.1:1"),
+            ("DATABASE_MAX_CONNECTIONS", pool),
+        ],
+    )
+    .await
+}
+
 #[tokio::test]
 async fn concurrent_misses_for_one_user_are_one_postgres_read() {
     let env = TestEnv::new().await;
@@ -442,11 +465,7 @@ async fn concurrent_misses_for_one_user_are_one_postgres_read() {
         .spawn(Service::QueryApi, &[("REDIS_URL", "redis://127.0.0.1:1")])
         .await;
     // The reads wait on this lock until all fifty have missed.
-    let mut lock = env.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE user_views IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = lock_views(&env).await;
     let http = reqwest::Client::new();
     let url = query.url(&format!("/users/{}", stored.id));
     let reads: Vec<_> = (0..50)
@@ -481,21 +500,9 @@ async fn concurrent_misses_of_many_users_are_read_in_batches_and_each_gets_its_o
         users.push((stored.id, Some(stored.username)));
     }
     users.extend((0..10).map(|_| (Uuid::new_v4(), None)));
-    let query = env
-        .spawn(
-            Service::QueryApi,
-            &[
-                ("REDIS_URL", "redis://127.0.0.1:1"),
-                ("DATABASE_MAX_CONNECTIONS", "4"),
-            ],
-        )
-        .await;
+    let query = without_redis(&env, "4").await;
     // The reads wait on this lock until all seventy have missed.
-    let mut lock = env.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE user_views IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = lock_views(&env).await;
     let http = reqwest::Client::new();
     let reads: Vec<_> = users
         .iter()
@@ -540,15 +547,7 @@ async fn reads_recover_when_postgres_drops_every_session_of_the_query_api() {
     let env = TestEnv::new().await;
     let view = stored_view(&env).await;
     // Redis unreachable: every read goes to PostgreSQL.
-    let query = env
-        .spawn(
-            Service::QueryApi,
-            &[
-                ("REDIS_URL", "redis://127.0.0.1:1"),
-                ("DATABASE_MAX_CONNECTIONS", "4"),
-            ],
-        )
-        .await;
+    let query = without_redis(&env, "4").await;
     let spec = spec(&query).await;
     let path = format!("/users/{}", view.id);
     // Concurrent reads open the whole pool.
