@@ -21,9 +21,6 @@ use crate::sender::{Sender, SmtpState};
 use crate::smtp::Mailer;
 use crate::store;
 
-/// How long a graceful stop waits for the consumer to commit its offsets.
-const STOP_WAIT: Duration = Duration::from_secs(10);
-
 pub struct Application {
     listener: tokio::net::TcpListener,
     router: Router,
@@ -94,13 +91,7 @@ impl Application {
             "sender",
             self.sender.run_until_stopped(self.wake, tasks.shutdown()),
         );
-        let finish = async {
-            if tokio::time::timeout(STOP_WAIT, consumer).await.is_err() {
-                tracing::warn!(
-                    "the consumer did not stop in time; offsets re-read on the next start"
-                );
-            }
-        };
+        let finish = platform::consumer::stopped(consumer);
         platform::service::serve_until_stopped(
             "notifier",
             self.listener,

@@ -253,6 +253,17 @@ impl BatchConsumer {
     }
 }
 
+/// How long a graceful stop waits for a consumer task to commit its offsets.
+pub const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits (at most [`STOP_WAIT`]) for the consumer task `consumer` to end
+/// after a stop was asked for: a service's last work before it exits.
+pub async fn stopped(consumer: tokio::task::JoinHandle<()>) {
+    if tokio::time::timeout(STOP_WAIT, consumer).await.is_err() {
+        tracing::warn!("the consumer did not stop in time; offsets re-read on the next start");
+    }
+}
+
 /// Per partition, the offset after the last of `batch`'s messages.
 fn next_offsets(batch: &[Message]) -> BTreeMap<(&str, i32), i64> {
     let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();

@@ -18,9 +18,6 @@ use crate::config::Settings;
 use crate::worker::Worker;
 use crate::{frontier, keeper, parked, status};
 
-/// How long a graceful stop waits for the consumer to commit its offsets.
-const STOP_WAIT: Duration = Duration::from_secs(10);
-
 pub struct Application {
     listener: tokio::net::TcpListener,
     router: Router,
@@ -103,13 +100,7 @@ impl Application {
                 tasks.shutdown(),
             ),
         );
-        let finish = async {
-            if tokio::time::timeout(STOP_WAIT, consumer).await.is_err() {
-                tracing::warn!(
-                    "the consumer did not stop in time; offsets re-read on the next start"
-                );
-            }
-        };
+        let finish = platform::consumer::stopped(consumer);
         platform::service::serve_until_stopped(
             "projector",
             self.listener,
