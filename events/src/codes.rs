@@ -65,15 +65,17 @@ impl Code {
         &self.0
     }
 
-    /// Whether `typed` is this code, in constant time. Spaces and hyphens
-    /// (as a mail client may show or a user may type them) are ignored.
+    /// Whether `typed` is this code, in constant time, as [`as_typed`] reads it.
     pub fn matches(&self, typed: &str) -> bool {
-        let typed: Vec<u8> = typed
-            .bytes()
-            .filter(|b| !matches!(b, b' ' | b'-'))
-            .collect();
-        typed.len() == self.0.len() && bool::from(typed.ct_eq(self.0.as_bytes()))
+        let typed = as_typed(typed);
+        typed.len() == self.0.len() && bool::from(typed.as_bytes().ct_eq(self.0.as_bytes()))
     }
+}
+
+/// What a user typed as a code, without the spaces and hyphens a mail client
+/// may show or a user may type.
+pub fn as_typed(typed: &str) -> String {
+    typed.chars().filter(|c| !matches!(c, ' ' | '-')).collect()
 }
 
 impl std::fmt::Debug for Code {

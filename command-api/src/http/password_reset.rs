@@ -225,11 +225,7 @@ pub(crate) async fn complete(
     // A retry under the same key, address and code (anonymous keys are
     // scoped by both) gets the first answer if its password is the one the
     // reset set: one argon2 verification instead of the hash below.
-    let code: String = body
-        .code
-        .chars()
-        .filter(|c| !matches!(c, ' ' | '-'))
-        .collect();
+    let code = events::codes::as_typed(&body.code);
     let fingerprint = idempotency::fingerprint(&[COMPLETE_ROUTE, &email, &code]);
     let key = idempotency::key(&headers)?;
     let idempotent = Idempotent::new(key, Caller::Anonymous, COMPLETE_ROUTE, fingerprint.clone());
