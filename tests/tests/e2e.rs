@@ -140,6 +140,7 @@ async fn services_stop_cleanly_on_sigterm() {
 #[tokio::test]
 async fn roles_locks_and_password_changes_reach_the_query_api_and_the_topic_without_secrets() {
     use userstream_tests::identity::{make_admin, password_grant, register, PASSWORD};
+    use userstream_tests::read_side::await_version;
     let env = TestEnv::new().await;
     let command = env
         .spawn(Service::CommandApi, &[("LOCKOUT_MAX_FAILURES", "2")])
@@ -180,14 +181,10 @@ async fn roles_locks_and_password_changes_reach_the_query_api_and_the_topic_with
     .await
     .unwrap();
 
-    let view: Value = http
-        .get(query.url(&format!("/users/{id}?min_version={version}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    // The projector's new consumer group may still be waiting for its
+    // partitions (the broker's initial rebalance delay), longer than a
+    // `min_version` read waits: poll until the view reaches the lock.
+    let view = await_version(&http, &query, id, version.into()).await;
     assert_eq!(view["roles"], json!(["support"]));
     let shown: chrono::DateTime<chrono::Utc> =
         serde_json::from_value(view["locked_until"].clone()).unwrap();

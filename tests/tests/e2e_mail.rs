@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use tokio::sync::RwLock;
 use userstream_tests::identity::{code, password_grant, sign_in, PASSWORD};
 use userstream_tests::mail::{mails_to, smtp_component, unique_address, wait_for_mails, Mail};
+use userstream_tests::read_side::await_version;
 use userstream_tests::{eventually, Running, Service, TestEnv};
 use uuid::Uuid;
 
@@ -76,19 +77,11 @@ impl Stack {
         body["id"].as_str().unwrap().parse().unwrap()
     }
 
-    /// The view once it has reached `version` (read-your-writes).
+    /// The view once it has reached `version`, polled: the projector's new
+    /// consumer group may still be waiting for its partitions, longer than a
+    /// `min_version` read waits.
     async fn view(&self, id: Uuid, version: i64) -> Value {
-        let response = self
-            .http
-            .get(
-                self.query
-                    .url(&format!("/users/{id}?min_version={version}")),
-            )
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        response.json().await.unwrap()
+        await_version(&self.http, &self.query, id, version).await
     }
 
     /// Mails nobody is still waiting for: every row of the notifier's queue
