@@ -12,7 +12,7 @@ use crate::coalesce::Loads;
 use crate::config::Settings;
 use crate::consistency::VersionWaiters;
 use crate::gate::Gate;
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, CacheOutcomes};
 
 pub struct Application {
     listener: tokio::net::TcpListener,
@@ -37,6 +37,7 @@ impl Application {
             waiters: VersionWaiters::default(),
             read_wait: settings.read_wait,
             loads: Loads::new(settings.database.max_connections as usize),
+            outcomes: CacheOutcomes::register(),
         });
         if let Err(error) = state.gate.prime(state.rows.pool()).await {
             // The feed task retries; until then reads use PostgreSQL only.
