@@ -427,9 +427,12 @@ impl ViewCache {
                 }
             }
         }
+        // No response timeout of the connection's own: every command runs
+        // under `deadline`, whose one timer also bounds a reconnection in
+        // progress; a second timer per command cost a cached read several
+        // percent of its throughput (see BENCHMARKS.md).
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(self.inner.timeout)
-            .set_response_timeout(self.inner.timeout)
             .set_number_of_retries(1);
         let connected = self
             .deadline(async {
