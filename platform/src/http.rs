@@ -2,14 +2,15 @@
 //! operational endpoints and serving with graceful shutdown.
 
 use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use futures::FutureExt;
@@ -76,12 +77,11 @@ pub fn error_response(
 }
 
 /// Wraps a service's routes with the fallback 404 in the shared error shape
-/// and [`envelope`]: request ids, a span, a timeout, panic recovery and HTTP
-/// metrics, in one layer (each layer costs every request an allocation and a
-/// few moves of its future; five of them cost a cached read a quarter of its
-/// throughput, see BENCHMARKS.md).
+/// and the [`Envelope`]: request ids, a span, a timeout, panic recovery and
+/// HTTP metrics, in one layer (each layer costs every request an allocation
+/// and a few moves of its future; five of them cost a cached read a quarter
+/// of its throughput, see BENCHMARKS.md).
 pub fn layers(router: Router, request_timeout: Duration) -> Router {
-    let metrics = Arc::new(HttpMetrics::default());
     router
         .fallback(|| async {
             error_response(
@@ -91,9 +91,10 @@ pub fn layers(router: Router, request_timeout: Duration) -> Router {
                 BTreeMap::new(),
             )
         })
-        .layer(middleware::from_fn(move |req: Request, next: Next| {
-            envelope(request_timeout, Arc::clone(&metrics), req, next)
-        }))
+        .layer(EnvelopeLayer {
+            limit: request_timeout,
+            metrics: Arc::new(HttpMetrics::default()),
+        })
 }
 
 /// The handles of `http_requests_total` and `http_request_duration_seconds`
@@ -139,6 +140,25 @@ impl HttpMetrics {
     }
 }
 
+/// Puts an [`Envelope`] around each route.
+#[derive(Clone)]
+struct EnvelopeLayer {
+    limit: Duration,
+    metrics: Arc<HttpMetrics>,
+}
+
+impl<S> tower::Layer<S> for EnvelopeLayer {
+    type Service = Envelope<S>;
+
+    fn layer(&self, inner: S) -> Envelope<S> {
+        Envelope {
+            inner,
+            limit: self.limit,
+            metrics: Arc::clone(&self.metrics),
+        }
+    }
+}
+
 /// What every request goes through:
 /// * an `X-Request-Id` before anything reads it, returned on the response: a
 ///   client's id is kept when [`valid_request_id`]; one that is too long or
@@ -150,61 +170,92 @@ impl HttpMetrics {
 ///   panic hook prints the message) instead of dropping the connection;
 /// * `http_requests_total` and `http_request_duration_seconds` by method,
 ///   route and status, timeouts and panics included.
-async fn envelope(
+///
+/// A service of its own rather than `middleware::from_fn`, which clones and
+/// boxes the route again for every request.
+#[derive(Clone)]
+struct Envelope<S> {
+    inner: S,
     limit: Duration,
     metrics: Arc<HttpMetrics>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    let started = Instant::now();
-    let id = request_id(&mut req);
-    let route = req.extensions().get::<MatchedPath>().cloned();
-    let method = method_label(req.method());
-    let span = tracing::info_span!(
-        "http",
-        method,
-        path = %req.uri().path(),
-        request_id = id.to_str().unwrap_or_default(),
-    );
-    let handled = AssertUnwindSafe(tokio::time::timeout(limit, next.run(req)))
-        .catch_unwind()
-        .instrument(span.clone())
-        .await;
-    let mut response = match handled {
-        Ok(Ok(response)) => response,
-        Ok(Err(_)) => {
-            span.in_scope(|| {
-                tracing::warn!(limit_ms = limit.as_millis() as u64, "request timed out");
-            });
-            error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "timeout",
-                format!("the request took longer than {limit:?}"),
-                BTreeMap::new(),
-            )
-        }
-        Err(_) => {
-            span.in_scope(|| tracing::error!("a request handler panicked"));
-            error_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "internal error",
-                BTreeMap::new(),
-            )
-        }
-    };
-    let elapsed = started.elapsed();
-    span.in_scope(|| {
-        tracing::debug!(
-            status = response.status().as_u16(),
-            latency_ms = elapsed.as_secs_f64() * 1e3,
-            "answered"
+}
+
+impl<S> tower::Service<Request> for Envelope<S>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = futures::future::BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        let started = Instant::now();
+        let id = request_id(&mut req);
+        let route = req.extensions().get::<MatchedPath>().cloned();
+        let method = method_label(req.method());
+        let span = tracing::info_span!(
+            "http",
+            method,
+            path = %req.uri().path(),
+            request_id = id.to_str().unwrap_or_default(),
         );
-    });
-    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
-    metrics.record(method, route, response.status(), elapsed);
-    response.headers_mut().insert(REQUEST_ID, id);
-    response
+        let called =
+            span.in_scope(|| std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(req))));
+        let limit = self.limit;
+        let metrics = Arc::clone(&self.metrics);
+        Box::pin(async move {
+            let handled = match called {
+                Ok(future) => {
+                    AssertUnwindSafe(tokio::time::timeout(limit, future))
+                        .catch_unwind()
+                        .instrument(span.clone())
+                        .await
+                }
+                Err(panic) => Err(panic),
+            };
+            let mut response = match handled {
+                Ok(Ok(Ok(response))) => response,
+                Ok(Ok(Err(never))) => match never {},
+                Ok(Err(_)) => {
+                    span.in_scope(|| {
+                        tracing::warn!(limit_ms = limit.as_millis() as u64, "request timed out");
+                    });
+                    error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "timeout",
+                        format!("the request took longer than {limit:?}"),
+                        BTreeMap::new(),
+                    )
+                }
+                Err(_) => {
+                    span.in_scope(|| tracing::error!("a request handler panicked"));
+                    error_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        "internal error",
+                        BTreeMap::new(),
+                    )
+                }
+            };
+            let elapsed = started.elapsed();
+            span.in_scope(|| {
+                tracing::debug!(
+                    status = response.status().as_u16(),
+                    latency_ms = elapsed.as_secs_f64() * 1e3,
+                    "answered"
+                );
+            });
+            let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+            metrics.record(method, route, response.status(), elapsed);
+            response.headers_mut().insert(REQUEST_ID, id);
+            Ok(response)
+        })
+    }
 }
 
 /// The request's `X-Request-Id` after checking (see [`envelope`]).
@@ -214,8 +265,10 @@ fn request_id(req: &mut Request) -> HeaderValue {
             return sent.clone();
         }
     }
-    let replacement = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
-        .expect("a UUID is a valid header value");
+    let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
+    let replacement =
+        HeaderValue::from_str(uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text))
+            .expect("a UUID is a valid header value");
     if let Some(sent) = req.headers().get(REQUEST_ID) {
         let bytes = sent.as_bytes();
         let prefix = String::from_utf8_lossy(&bytes[..bytes.len().min(32)]).into_owned();
@@ -358,6 +411,78 @@ mod tests {
             .await
             .unwrap();
         (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn every_answer_is_counted_and_timed_by_route_method_and_status() {
+        let handle = crate::telemetry::metrics_handle();
+        let routes = Router::new()
+            .route("/counted/fine", get(|| async { "fine" }))
+            .route(
+                "/counted/boom",
+                get(|| async {
+                    if true {
+                        panic!("deliberate test panic");
+                    }
+                    "unreachable"
+                }),
+            )
+            .route(
+                "/counted/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    "late"
+                }),
+            );
+        let app = layers(routes, Duration::from_millis(100));
+        for path in [
+            "/counted/fine",
+            "/counted/fine",
+            "/counted/boom",
+            "/counted/slow",
+        ] {
+            app.clone()
+                .oneshot(Request::builder().uri(path).body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+        }
+        let text = handle.render();
+        let value = |name: &str, route: &str, status: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with(&format!("{name}{{"))
+                        && l.contains(&format!("route=\"{route}\""))
+                        && l.contains(&format!("status=\"{status}\""))
+                        && l.contains("method=\"GET\"")
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            value("http_requests_total", "/counted/fine", "200").as_deref(),
+            Some("2"),
+            "{text}"
+        );
+        assert_eq!(
+            value("http_requests_total", "/counted/boom", "500").as_deref(),
+            Some("1"),
+            "{text}"
+        );
+        assert_eq!(
+            value("http_requests_total", "/counted/slow", "503").as_deref(),
+            Some("1"),
+            "{text}"
+        );
+        assert_eq!(
+            value(
+                "http_request_duration_seconds_count",
+                "/counted/slow",
+                "503"
+            )
+            .as_deref(),
+            Some("1"),
+            "{text}"
+        );
     }
 
     #[tokio::test]
