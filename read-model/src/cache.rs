@@ -382,22 +382,33 @@ impl ViewCache {
         self
     }
 
-    /// The key prefix of `ns`.
+    /// The key prefix of `ns`, with room for the rest of a key: every read
+    /// builds two keys, one allocation each.
     pub fn namespace_prefix(&self, ns: Namespace) -> String {
-        format!(
+        use std::fmt::Write as _;
+        // "p{i32}:e{i64}:" takes at most 35 bytes, "user:{uuid}" 41.
+        let mut prefix = String::with_capacity(self.inner.prefix.len() + 76);
+        let _ = write!(
+            prefix,
             "{}p{}:e{}:",
             self.inner.prefix, ns.projection_version, ns.epoch
-        )
+        );
+        prefix
     }
 
     /// The key of one user's view in `ns`.
     pub fn key(&self, ns: Namespace, id: Uuid) -> String {
-        format!("{}user:{id}", self.namespace_prefix(ns))
+        let mut key = self.namespace_prefix(ns);
+        key.push_str("user:");
+        key.push_str(id.hyphenated().encode_lower(&mut Uuid::encode_buffer()));
+        key
     }
 
     /// The key holding the number of the last batch `ns` was told of.
     pub fn through_key(&self, ns: Namespace) -> String {
-        format!("{}through", self.namespace_prefix(ns))
+        let mut key = self.namespace_prefix(ns);
+        key.push_str("through");
+        key
     }
 
     /// "closed", "open" or "half_open", for /readyz.
@@ -771,5 +782,37 @@ mod breaker_tests {
         let probe = start + BREAKER_OPEN_FOR;
         assert!(breaker.admit(probe, timeout).is_ok());
         assert!(breaker.admit(probe + timeout * 2, timeout).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn keys_keep_the_form_the_scripts_and_other_readers_expect() {
+        let cache = ViewCache::new(
+            "redis://127.0.0.1:1",
+            "us:".to_owned(),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        )
+        .expect("a valid URL");
+        let ns = Namespace {
+            projection_version: 3,
+            epoch: i64::MAX,
+        };
+        let id = Uuid::parse_str("00000000-0000-4000-8000-00000000002a").unwrap();
+        assert_eq!(
+            cache.key(ns, id),
+            format!(
+                "us:p3:e{}:user:00000000-0000-4000-8000-00000000002a",
+                i64::MAX
+            )
+        );
+        assert_eq!(
+            cache.through_key(ns),
+            format!("us:p3:e{}:through", i64::MAX)
+        );
     }
 }
