@@ -162,23 +162,40 @@ impl Entry {
 
     /// Reads the stored form; `None` for anything else.
     pub fn decode(stored: &[u8]) -> Option<Self> {
-        let text = std::str::from_utf8(stored).ok()?;
-        let (version, rest) = text.split_once(':')?;
-        let (pending, body) = rest.split_once(':')?;
-        if version.is_empty() || !version.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        let pending = match pending {
-            "0" => false,
-            "1" => true,
-            _ => return None,
+        Self::decode_owned(stored.to_vec())
+    }
+
+    /// [`Entry::decode`] of a value the caller owns: the body keeps its
+    /// buffer (a cached read copies its view once less).
+    pub fn decode_owned(mut stored: Vec<u8>) -> Option<Self> {
+        let (version, pending, header) = {
+            let (version, rest) = split_at_colon(&stored)?;
+            let (pending, _) = split_at_colon(rest)?;
+            if version.is_empty() || !version.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            let pending = match pending {
+                b"0" => false,
+                b"1" => true,
+                _ => return None,
+            };
+            let header = version.len() + 3;
+            let version: i32 = std::str::from_utf8(version).ok()?.parse().ok()?;
+            (version, pending, header)
         };
+        stored.drain(..header);
         Some(Self {
-            version: version.parse().ok()?,
+            version,
             pending,
-            body: body.to_owned(),
+            body: String::from_utf8(stored).ok()?,
         })
     }
+}
+
+/// The bytes before the first `:` and those after it.
+fn split_at_colon(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let at = bytes.iter().position(|b| *b == b':')?;
+    Some((&bytes[..at], &bytes[at + 1..]))
 }
 
 /// How long the cache stays off after a failed connection attempt.
@@ -508,7 +525,7 @@ impl ViewCache {
         if through.is_none_or(|through| through < committed_seq) {
             return Ok(Lookup::Behind);
         }
-        match stored.as_deref().map(Entry::decode) {
+        match stored.map(Entry::decode_owned) {
             Some(Some(Entry {
                 pending: false,
                 version: 0,
@@ -720,6 +737,11 @@ mod entry_tests {
                 body: String::new(),
             },
             Entry {
+                version: i32::MAX,
+                pending: false,
+                body: "{\"é\":1}".into(),
+            },
+            Entry {
                 version: 0,
                 pending: false,
                 body: String::new(),
@@ -737,6 +759,8 @@ mod entry_tests {
             assert_eq!(Entry::decode(stored.as_bytes()), None, "{stored:?}");
         }
         assert_eq!(Entry::decode(&[0xff, b':', b'0', b':']), None);
+        assert_eq!(Entry::decode(b"7:0:\xff"), None, "a body that is not UTF-8");
+        assert_eq!(Entry::decode(b"2147483648:0:{}"), None, "a version past i32");
     }
 }
 
