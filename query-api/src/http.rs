@@ -225,6 +225,10 @@ async fn get_user(
             "min_version and min_position are at least 1".into(),
         ));
     }
+    if params.min_position.is_none() && params.min_version.is_none() {
+        let (version, body) = read_view(&state, id).await?.ok_or(ApiError::UserNotFound)?;
+        return Ok(respond(if_none_match.as_ref(), version, body));
+    }
     let deadline = consistency::deadline(state.read_wait);
     if let Some(position) = params.min_position {
         Box::pin(consistency::await_position(
