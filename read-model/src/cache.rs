@@ -760,7 +760,11 @@ mod entry_tests {
         }
         assert_eq!(Entry::decode(&[0xff, b':', b'0', b':']), None);
         assert_eq!(Entry::decode(b"7:0:\xff"), None, "a body that is not UTF-8");
-        assert_eq!(Entry::decode(b"2147483648:0:{}"), None, "a version past i32");
+        assert_eq!(
+            Entry::decode(b"2147483648:0:{}"),
+            None,
+            "a version past i32"
+        );
     }
 }
 
