@@ -383,10 +383,13 @@ mod tests {
     use axum::routing::get;
     use tower::ServiceExt;
 
-    async fn call(path: &str) -> (StatusCode, serde_json::Value) {
+    /// A fine, a panicking and a slow route under `prefix`, in the layers,
+    /// with a 100 ms deadline.
+    fn app(prefix: &str) -> Router {
         let routes = Router::new()
+            .route(&format!("{prefix}/fine"), get(|| async { "fine" }))
             .route(
-                "/boom",
+                &format!("{prefix}/boom"),
                 get(|| async {
                     if true {
                         panic!("deliberate test panic");
@@ -395,13 +398,17 @@ mod tests {
                 }),
             )
             .route(
-                "/slow",
+                &format!("{prefix}/slow"),
                 get(|| async {
                     tokio::time::sleep(Duration::from_secs(5)).await;
                     "late"
                 }),
             );
-        let app = layers(routes, Duration::from_millis(100));
+        layers(routes, Duration::from_millis(100))
+    }
+
+    async fn call(path: &str) -> (StatusCode, serde_json::Value) {
+        let app = app("");
         let response = app
             .oneshot(Request::builder().uri(path).body(Body::empty()).unwrap())
             .await
@@ -416,25 +423,7 @@ mod tests {
     #[tokio::test]
     async fn every_answer_is_counted_and_timed_by_route_method_and_status() {
         let handle = crate::telemetry::metrics_handle();
-        let routes = Router::new()
-            .route("/counted/fine", get(|| async { "fine" }))
-            .route(
-                "/counted/boom",
-                get(|| async {
-                    if true {
-                        panic!("deliberate test panic");
-                    }
-                    "unreachable"
-                }),
-            )
-            .route(
-                "/counted/slow",
-                get(|| async {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    "late"
-                }),
-            );
-        let app = layers(routes, Duration::from_millis(100));
+        let app = app("/counted");
         for path in [
             "/counted/fine",
             "/counted/fine",
