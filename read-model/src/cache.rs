@@ -179,6 +179,7 @@ impl Entry {
                 b"1" => true,
                 _ => return None,
             };
+            // The digits, `:`, the one-byte flag, `:`.
             let header = version.len() + 3;
             let version: i32 = std::str::from_utf8(version).ok()?.parse().ok()?;
             (version, pending, header)
