@@ -449,16 +449,16 @@ pub fn producer_config(kafka: &KafkaSettings) -> ClientConfig {
     if config.get("client.id").is_none() {
         config.set("client.id", "userstream-relay");
     }
-    // linger.ms stays at 5 although it is a 5 ms floor under visibility:
-    // with 0, a user's events split across produce requests, and when one
-    // request fails permanently (the fatal-error test's oversized event) a
-    // later request of the same partition was still written in 1 run of 6,
-    // so the user's later event reached the topic before the earlier one's
-    // re-send (librdkafka's gap-less guarantee does not stop a request under
-    // a fresh producer id; cf. librdkafka #2819). With 5 ms the events of a
-    // relay batch travel together: 0 in 14 runs. Not yet a proof; see
-    // BENCHMARKS.md and the session notes.
-    for (name, value) in [("compression.type", "lz4"), ("linger.ms", "5")] {
+    // No linger (librdkafka's default is 5 ms): an event leaves as soon as
+    // it is queued, and while a request is out the next ones gather, so
+    // batching grows with the load rather than costing a fixed 5 ms.
+    // Nagle's algorithm would hold a small request back behind an
+    // unacknowledged one.
+    for (name, value) in [
+        ("compression.type", "lz4"),
+        ("linger.ms", "0"),
+        ("socket.nagle.disable", "true"),
+    ] {
         if config.get(name).is_none() {
             config.set(name, value);
         }
@@ -478,6 +478,13 @@ pub fn producer_config(kafka: &KafkaSettings) -> ClientConfig {
             // refusing it as too large) is a fatal error, not a gap: the
             // relay replaces the producer and re-sends from the checkpoint.
             ("enable.gapless.guarantee", "true".into()),
+            // One produce request at a time. With five in flight and no
+            // linger, the fatal-error test reordered a user in 4 runs of 30:
+            // a request that followed a refused one was written, so the
+            // refused event's re-send landed after its successor; with one,
+            // 0 of 30. librdkafka does not promise this (ARCHITECTURE.md,
+            // relay, says what is still open).
+            ("max.in.flight.requests.per.connection", "1".into()),
             // Same key → same partition as Java clients compute it.
             ("partitioner", "murmur2_random".into()),
         ],
