@@ -33,6 +33,7 @@ fn kafka_settings_from_the_environment_reach_librdkafka_and_the_guarantees_win()
         ("KAFKA_SASL_USERNAME", "relay"),
         ("KAFKA_SASL_PASSWORD", "not-a-real-password"),
         ("KAFKA_CONFIG_ACKS", "1"),
+        ("KAFKA_CONFIG_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION", "5"),
     ]);
     for config in [producer_config(&kafka), admin_config(&kafka)] {
         let native = config
@@ -49,6 +50,16 @@ fn kafka_settings_from_the_environment_reach_librdkafka_and_the_guarantees_win()
     assert_eq!(producer.get("enable.gapless.guarantee").unwrap(), "true");
     assert_eq!(producer.get("enable.idempotence").unwrap(), "true");
     assert_eq!(producer.get("message.timeout.ms").unwrap(), "0");
+    assert_eq!(
+        producer
+            .get("max.in.flight.requests.per.connection")
+            .unwrap(),
+        "1",
+        "one produce request in flight wins"
+    );
+    // Defaults the environment may change: no linger, no Nagle.
+    assert_eq!(producer.get("linger.ms").unwrap(), "0");
+    assert_eq!(producer.get("socket.nagle.disable").unwrap(), "true");
     assert!(!format!("{kafka:?}").contains("not-a-real-password"));
 }
 
