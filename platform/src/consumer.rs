@@ -19,7 +19,7 @@ use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers};
-use rdkafka::{ClientConfig, Message as _};
+use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
 
 use crate::shutdown::Shutdown;
 use crate::tasks::DropAwayOnPanic;
@@ -235,10 +235,17 @@ impl BatchConsumer {
         }
     }
 
-    /// Stores, per partition, the offset after the batch's last message.
+    /// Stores, per partition, the offset after the batch's last message: the
+    /// next one to read. (`store_offset` would add one itself: librdkafka's
+    /// `rd_kafka_offset_store` stores the offset it is given plus one, while
+    /// `rd_kafka_offsets_store`, used here, stores the offsets as given.)
     fn store_offsets(&self, batch: &[Message]) {
         for ((topic, partition), offset) in next_offsets(batch) {
-            if let Err(error) = self.consumer.store_offset(topic, partition, offset) {
+            let mut next = TopicPartitionList::new();
+            let stored = next
+                .add_partition_offset(topic, partition, Offset::Offset(offset))
+                .and_then(|()| self.consumer.store_offsets(&next));
+            if let Err(error) = stored {
                 // The partition moved to another member in a rebalance; it
                 // re-reads from the last commit, and the service's
                 // deduplication absorbs the repeat.

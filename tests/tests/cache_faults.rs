@@ -290,9 +290,7 @@ async fn a_projector_killed_between_its_commit_and_its_redis_write_leaves_no_sta
     // telling Redis the views. It reads in a group of its own, from the
     // start: what the first one applied changes nothing and commits nothing,
     // so the first commit it stops at is the user's. (Taking over the first
-    // one's committed offsets instead sometimes left a partition unread for
-    // longer than the test waits, after librdkafka reset its offset: see
-    // ARCHITECTURE.md, "Departures".)
+    // one's group is `handover.rs`'s subject.)
     let crash_group = format!("{}-crash", stack.env.group_id);
     stack
         .start_projector(&[
