@@ -38,6 +38,31 @@ pub fn kafka_brokers() -> String {
     std::env::var("TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 
+/// An admin client of the test broker.
+pub fn kafka_admin() -> rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .create()
+        .expect("a Kafka admin client")
+}
+
+/// Creates `topic` with `partitions` and the topic settings `config`, as a
+/// test needs it before anything else would create it.
+pub async fn create_topic(topic: &str, partitions: i32, config: &[(&str, &str)]) {
+    use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+    let new = config.iter().fold(
+        NewTopic::new(topic, partitions, TopicReplication::Fixed(1)),
+        |new, (key, value)| new.set(key, value),
+    );
+    for created in kafka_admin()
+        .create_topics([&new], &AdminOptions::new())
+        .await
+        .expect("Kafka answers")
+    {
+        created.unwrap_or_else(|(topic, code)| panic!("cannot create {topic}: {code}"));
+    }
+}
+
 /// A development-only admin token for the services a test starts.
 pub const TEST_ADMIN_TOKEN: &str = "test-admin-token-not-a-secret";
 

@@ -6,13 +6,11 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use platform::consumer::BatchConsumer;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use userstream_tests::read_side::{await_version, register};
-use userstream_tests::{kafka_brokers, Service, TestEnv};
+use userstream_tests::{create_topic, kafka_brokers, Service, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -79,18 +77,7 @@ fn committed(topic: &str, group: &str) -> Offset {
 #[tokio::test]
 async fn the_committed_offset_is_the_next_message_and_a_new_member_starts_there() {
     let env = TestEnv::new().await;
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .create()
-        .unwrap();
-    let topic = NewTopic::new(&env.topic, 1, TopicReplication::Fixed(1));
-    for created in admin
-        .create_topics([&topic], &AdminOptions::new())
-        .await
-        .unwrap()
-    {
-        created.unwrap();
-    }
+    create_topic(&env.topic, 1, &[]).await;
     produce(&env.topic, &["a", "b", "c"]).await;
     let mut first = subscribe(&env.topic, &env.group_id);
     assert_eq!(consume(&mut first, 3).await, [0, 1, 2]);

@@ -7,14 +7,10 @@ use std::time::Duration;
 use command_api::config::{KafkaSettings, RelaySettings};
 use command_api::relay::log::{lag, load_checkpoint, LAG_COUNT_CAP};
 use command_api::relay::{Checkpoint, Progress, Relay, RelayStatus, Step};
-use rdkafka::admin::{
-    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
-};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminOptions, AlterConfig, ResourceSpecifier};
 use sqlx::{Connection, PgConnection};
 use userstream_tests::relay::{append, assert_each_stream_complete_and_in_order, read_all};
-use userstream_tests::{eventually, kafka_brokers, Service, TestEnv};
+use userstream_tests::{create_topic, eventually, kafka_admin, kafka_brokers, Service, TestEnv};
 use uuid::Uuid;
 
 fn kafka(brokers: &str, topic: &str) -> KafkaSettings {
@@ -176,19 +172,7 @@ async fn a_fatal_producer_error_replaces_the_producer_and_resends_from_the_check
     let env = TestEnv::new().await;
     // The topic refuses records over 20 kB: a permanent error for the huge
     // event, which the gapless producer turns into a fatal error.
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .create()
-        .unwrap();
-    let topic =
-        NewTopic::new(&env.topic, 3, TopicReplication::Fixed(1)).set("max.message.bytes", "20000");
-    for created in admin
-        .create_topics([&topic], &AdminOptions::new())
-        .await
-        .unwrap()
-    {
-        created.unwrap();
-    }
+    create_topic(&env.topic, 3, &[("max.message.bytes", "20000")]).await;
 
     let users: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
     let mut written = Vec::new();
@@ -223,7 +207,7 @@ async fn a_fatal_producer_error_replaces_the_producer_and_resends_from_the_check
     // everything after its checkpoint again.
     let raise =
         AlterConfig::new(ResourceSpecifier::Topic(&env.topic)).set("max.message.bytes", "1048588");
-    for altered in admin
+    for altered in kafka_admin()
         .alter_configs([&raise], &AdminOptions::new())
         .await
         .unwrap()
