@@ -102,22 +102,24 @@ async fn a_projector_taking_over_the_group_projects_every_user_registered_after(
     let command = env.spawn(Service::CommandApi, &[]).await;
     let first = env.spawn(Service::Projector, &[]).await;
     let query = env.spawn(Service::QueryApi, &[]).await;
-    let mut before = Vec::new();
-    for i in 0..12 {
-        before.push(register(&http, &command, &format!("before{i}")).await.id);
-    }
-    for id in before {
-        await_version(&http, &query, id, 1).await;
-    }
+    // Registers 12 users (spread over the partitions) and waits until the
+    // query API shows every one.
+    let register_visible = |prefix: &'static str| {
+        let (http, command, query) = (&http, &command, &query);
+        async move {
+            let mut ids = Vec::new();
+            for i in 0..12 {
+                ids.push(register(http, command, &format!("{prefix}{i}")).await.id);
+            }
+            for id in ids {
+                await_version(http, query, id, 1).await;
+            }
+        }
+    };
+    register_visible("before").await;
     first.stop().await;
     let second = env.spawn(Service::Projector, &[]).await;
-    let mut after = Vec::new();
-    for i in 0..12 {
-        after.push(register(&http, &command, &format!("after{i}")).await.id);
-    }
-    for id in after {
-        await_version(&http, &query, id, 1).await;
-    }
+    register_visible("after").await;
     let resets: Vec<String> = second
         .logs()
         .into_iter()
