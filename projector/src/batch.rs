@@ -118,11 +118,11 @@ impl ReadModel {
             }
         }
 
-        // Where each event is in the log is read on a second connection while
-        // the transaction starts, takes the state lock and reads the views of
-        // the users the messages name (a superset of those that check out).
-        // The log is append-only: what `locate` finds has committed, so the
-        // transaction's later reads see it too.
+        // The log's rows of the messages' events are read on a second
+        // connection while the transaction starts, takes the state lock and
+        // reads the views of the users the messages name (a superset of those
+        // that check out). The log is append-only: what `locate` finds has
+        // committed and cannot change, so the transaction may fold it.
         let ids: Vec<Uuid> = events.iter().map(|(_, e)| e.event_id).collect();
         let named: Vec<Uuid> = events
             .iter()
@@ -150,8 +150,10 @@ impl ReadModel {
 
         // Only events that are in the log, where the message says, count.
         events.retain(|(index, event)| {
-            let found = in_log.get(&event.event_id);
-            if found == Some(&(event.user_id, event.stream_version)) {
+            let found = in_log
+                .get(&event.event_id)
+                .map(|row| (row.stream_id, row.stream_version));
+            if found == Some((event.user_id, event.stream_version)) {
                 return true;
             }
             let detail = match found {
@@ -184,7 +186,12 @@ impl ReadModel {
         // Fold each user's missing versions from the log.
         let mut blocked: HashMap<Uuid, (i32, Reason, String)> = HashMap::new();
         let mut changed: BTreeMap<Uuid, ()> = BTreeMap::new();
-        for row in log::read_ranges(&mut tx, &ranges).await? {
+        // Usually the batch's own events are all a user misses, and `locate`
+        // has read them already; only gaps are read from the log here.
+        let (mut rows, gaps) = log::covered(&ranges, in_log);
+        rows.extend(log::read_ranges(&mut tx, &gaps).await?);
+        rows.sort_by_key(|row| (row.stream_id, row.stream_version));
+        for row in rows {
             let user = row.stream_id;
             if blocked.contains_key(&user) {
                 continue;

@@ -10,38 +10,55 @@ use uuid::Uuid;
 
 use crate::message::Message;
 
-#[derive(sqlx::FromRow)]
-struct Located {
-    event_id: Uuid,
-    stream_id: Uuid,
-    stream_version: i32,
-}
-
-/// Where each of `ids` is in the log: (user, version), for those that are.
+/// The log's rows of `ids` that are in the log, by event id.
 #[tracing::instrument(name = "sql_locate_events", skip_all, fields(events = ids.len()))]
 pub async fn locate(
     tx: &mut PgConnection,
     ids: &[Uuid],
-) -> Result<HashMap<Uuid, (Uuid, i32)>, sqlx::Error> {
+) -> Result<HashMap<Uuid, LogRow>, sqlx::Error> {
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
-    let rows: Vec<Located> = sqlx::query_as(
-        "SELECT event_id, stream_id, stream_version FROM events_public WHERE event_id = ANY($1)",
-    )
+    let rows: Vec<LogRow> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM events_public e WHERE e.event_id = ANY($1)"
+    ))
     .bind(ids)
     .fetch_all(tx)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| (r.event_id, (r.stream_id, r.stream_version)))
-        .collect())
+    Ok(rows.into_iter().map(|r| (r.event_id, r)).collect())
+}
+
+/// The columns of a [`LogRow`] from `events_public e`.
+const COLUMNS: &str = "e.transaction_id::text::bigint AS xid, e.global_position, e.stream_id, \
+    e.stream_version, e.event_id, e.event_type, e.schema_version, e.payload, e.recorded_at";
+
+/// Splits `ranges` (user, after, upto) into the rows `located` holds for
+/// the ranges it covers whole, and the ranges it does not (a gap), which
+/// must be read with [`read_ranges`].
+pub fn covered(
+    ranges: &[(Uuid, i32, i32)],
+    located: HashMap<Uuid, LogRow>,
+) -> (Vec<LogRow>, Vec<(Uuid, i32, i32)>) {
+    let mut by_version: HashMap<(Uuid, i32), LogRow> = located
+        .into_values()
+        .map(|row| ((row.stream_id, row.stream_version), row))
+        .collect();
+    let mut rows = Vec::new();
+    let mut gaps = Vec::new();
+    for &(user, after, upto) in ranges {
+        if ((after + 1)..=upto).all(|version| by_version.contains_key(&(user, version))) {
+            rows.extend(((after + 1)..=upto).filter_map(|v| by_version.remove(&(user, v))));
+        } else {
+            gaps.push((user, after, upto));
+        }
+    }
+    (rows, gaps)
 }
 
 /// For each (user, after, upto): that user's events with versions in
 /// (after, upto], by user and version. Every version up to `upto` has
 /// committed: a user's version n+1 is appended only after n committed, and
-/// version `upto` was found in the log in this transaction.
+/// version `upto` was found in the log before.
 #[tracing::instrument(name = "sql_read_user_ranges", skip_all, fields(users = ranges.len()))]
 pub async fn read_ranges(
     tx: &mut PgConnection,
@@ -53,14 +70,13 @@ pub async fn read_ranges(
     let users: Vec<Uuid> = ranges.iter().map(|r| r.0).collect();
     let after: Vec<i32> = ranges.iter().map(|r| r.1).collect();
     let upto: Vec<i32> = ranges.iter().map(|r| r.2).collect();
-    sqlx::query_as(
-        "SELECT e.transaction_id::text::bigint AS xid, e.global_position, e.stream_id, e.stream_version, e.event_id, e.event_type, \
-                e.schema_version, e.payload, e.recorded_at \
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} \
          FROM UNNEST($1::uuid[], $2::int[], $3::int[]) AS w(user_id, after_version, upto_version) \
          JOIN events_public e ON e.stream_id = w.user_id \
           AND e.stream_version > w.after_version AND e.stream_version <= w.upto_version \
          ORDER BY e.stream_id, e.stream_version",
-    )
+    ))
     .bind(&users)
     .bind(&after)
     .bind(&upto)
@@ -115,4 +131,62 @@ pub async fn record_progress(
     .execute(tx)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(user: Uuid, version: i32) -> LogRow {
+        LogRow {
+            xid: 1,
+            global_position: i64::from(version),
+            stream_id: user,
+            stream_version: version,
+            event_id: Uuid::new_v4(),
+            event_type: "user.reactivated".into(),
+            schema_version: 1,
+            payload: serde_json::json!({}),
+            recorded_at: chrono::Utc::now(),
+        }
+    }
+
+    fn located(rows: Vec<LogRow>) -> HashMap<Uuid, LogRow> {
+        rows.into_iter().map(|r| (r.event_id, r)).collect()
+    }
+
+    fn versions(rows: &[LogRow]) -> Vec<(Uuid, i32)> {
+        rows.iter()
+            .map(|r| (r.stream_id, r.stream_version))
+            .collect()
+    }
+
+    #[test]
+    fn a_range_the_located_rows_cover_whole_needs_no_read() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let found = located(vec![row(a, 3), row(a, 4), row(b, 1), row(a, 2)]);
+        let (rows, gaps) = covered(&[(a, 2, 4), (b, 0, 1)], found);
+        assert!(gaps.is_empty());
+        assert_eq!(versions(&rows), [(a, 3), (a, 4), (b, 1)]);
+    }
+
+    #[test]
+    fn a_range_with_a_version_the_batch_lacks_is_read_whole() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        // a: view at 1, the batch has 2 and 4 (3 missing); b: view at 2, batch has 4 only.
+        let found = located(vec![row(a, 2), row(a, 4), row(b, 4)]);
+        let (rows, gaps) = covered(&[(a, 1, 4), (b, 2, 4)], found);
+        assert!(rows.is_empty(), "{:?}", versions(&rows));
+        assert_eq!(gaps, [(a, 1, 4), (b, 2, 4)]);
+    }
+
+    #[test]
+    fn rows_outside_every_range_are_left_out() {
+        let a = Uuid::new_v4();
+        // Versions 1 and 2 are in the view already (a redelivery).
+        let found = located(vec![row(a, 1), row(a, 2), row(a, 3)]);
+        let (rows, gaps) = covered(&[(a, 2, 3)], found);
+        assert!(gaps.is_empty());
+        assert_eq!(versions(&rows), [(a, 3)]);
+    }
 }
