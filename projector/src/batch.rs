@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use sqlx::{Postgres, QueryBuilder};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -296,20 +297,19 @@ impl ReadModel {
                 }
             }
         }
-        rows::upsert_many(&mut tx, &changed).await?;
         parked::insert(&mut tx, messages, &parks).await?;
-        if mode == Mode::Consume {
-            log::record_progress(&mut tx, messages, &events).await?;
-        }
+        let progress = (mode == Mode::Consume).then_some(Progress {
+            messages,
+            events: &events,
+        });
+        let batch = (!changed.is_empty()).then_some((next_seq, epoch));
+        write(&mut tx, &changed, progress, batch).await?;
         if marked_ns.is_some() && marked_at.elapsed() > MARK_COMMIT_WITHIN {
             // The marks may expire before a reader's late fill would meet them.
             metrics::counter!("projector_cache_dropped_total", "why" => "slow").increment(1);
             tracing::warn!(elapsed = ?marked_at.elapsed(), "the batch took too long after marking Redis; readers stop trusting it until a fresh namespace is opened");
             marked_ns = None;
-            epoch = None;
-        }
-        if !changed.is_empty() {
-            state::record_batch(&mut tx, next_seq, epoch).await?;
+            state::set_cache_epoch(&mut tx, None).await?;
         }
         tx.commit().await?;
         self.committed.send_modify(|n| *n += 1);
@@ -352,6 +352,52 @@ impl ReadModel {
         }
         Ok(outcome)
     }
+}
+
+/// A consumed batch's messages and the events of theirs that are in the log,
+/// for recording the partitions' progress.
+struct Progress<'a> {
+    messages: &'a [Message],
+    events: &'a [(usize, IntegrationEvent)],
+}
+
+/// The batch's writes in one statement (one round trip, while the
+/// transaction holds an xid, which holds the relay back): the changed
+/// `views`, the partitions' `progress` (consumption only) and the `batch`
+/// record (number and trusted namespace) when views changed. Each but the
+/// last runs as a data-modifying `WITH` part of the last; they touch
+/// different tables.
+#[tracing::instrument(name = "sql_write_batch", skip_all, fields(views = views.len()))]
+async fn write(
+    tx: &mut sqlx::PgConnection,
+    views: &[&UserView],
+    progress: Option<Progress<'_>>,
+    batch: Option<(i64, Option<i64>)>,
+) -> Result<(), sqlx::Error> {
+    type Push<'a> = Box<dyn FnOnce(&mut QueryBuilder<'a, Postgres>) + Send + 'a>;
+    let mut parts: Vec<Push<'_>> = Vec::new();
+    if !views.is_empty() {
+        parts.push(Box::new(|q| rows::push_upsert(q, "user_views", views)));
+    }
+    if let Some(Progress { messages, events }) = progress {
+        parts.push(Box::new(move |q| log::push_progress(q, messages, events)));
+    }
+    if let Some((seq, epoch)) = batch {
+        parts.push(Box::new(move |q| state::push_record_batch(q, seq, epoch)));
+    }
+    let Some(last) = parts.pop() else {
+        return Ok(());
+    };
+    let mut query = QueryBuilder::new("");
+    for (i, part) in parts.into_iter().enumerate() {
+        query.push(if i == 0 { "WITH " } else { ", " });
+        query.push(format_args!("w{i} AS ("));
+        part(&mut query);
+        query.push(")");
+    }
+    last(&mut query);
+    query.build().execute(tx).await?;
+    Ok(())
 }
 
 /// Rewrites a committed batch's cached views in Redis. On failure the

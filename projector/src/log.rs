@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use eventlog::LogRow;
 use events::IntegrationEvent;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use crate::message::Message;
@@ -84,14 +84,14 @@ pub async fn read_ranges(
     .await
 }
 
-/// Records, per partition, the next offset and the highest log position of
-/// the batch, in the batch's transaction.
-#[tracing::instrument(name = "sql_record_partition_progress", skip_all)]
-pub async fn record_progress(
-    tx: &mut PgConnection,
-    messages: &[Message],
+/// Appends, for the batch's one write statement, the statement that
+/// records per partition the next offset and the highest log position of
+/// the batch (one statement for every partition the batch touched).
+pub fn push_progress<'a>(
+    query: &mut QueryBuilder<'a, Postgres>,
+    messages: &'a [Message],
     events: &[(usize, IntegrationEvent)],
-) -> Result<(), sqlx::Error> {
+) {
     let mut progress: BTreeMap<(&str, i32), (i64, i64)> = BTreeMap::new();
     for message in messages {
         let entry = progress
@@ -115,22 +115,25 @@ pub async fn record_progress(
         next_offsets.push(next_offset);
         positions.push(position);
     }
-    // One statement for every partition the batch touched.
-    sqlx::query(
-        "INSERT INTO projector_partitions (topic, partition, next_offset, last_position, updated_at) \
-         SELECT t, p, o, l, now() FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::bigint[]) AS u(t, p, o, l) \
-         ON CONFLICT (topic, partition) DO UPDATE SET \
-           next_offset = GREATEST(projector_partitions.next_offset, EXCLUDED.next_offset), \
-           last_position = GREATEST(projector_partitions.last_position, EXCLUDED.last_position), \
-           updated_at = now()",
-    )
-    .bind(&topics)
-    .bind(&partitions)
-    .bind(&next_offsets)
-    .bind(&positions)
-    .execute(tx)
-    .await?;
-    Ok(())
+    query
+        .push(
+            "INSERT INTO projector_partitions (topic, partition, next_offset, last_position, updated_at) \
+             SELECT t, p, o, l, now() FROM UNNEST(",
+        )
+        .push_bind(topics)
+        .push("::text[], ")
+        .push_bind(partitions)
+        .push("::int[], ")
+        .push_bind(next_offsets)
+        .push("::bigint[], ")
+        .push_bind(positions)
+        .push(
+            "::bigint[]) AS u(t, p, o, l) \
+             ON CONFLICT (topic, partition) DO UPDATE SET \
+               next_offset = GREATEST(projector_partitions.next_offset, EXCLUDED.next_offset), \
+               last_position = GREATEST(projector_partitions.last_position, EXCLUDED.last_position), \
+               updated_at = now()",
+        );
 }
 
 #[cfg(test)]

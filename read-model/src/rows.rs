@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use events::{Profile, UserStatus, UserView};
 use sqlx::types::Json;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 /// The table's columns, in one place for every SELECT, INSERT and COPY.
@@ -203,21 +203,9 @@ const UPDATE_ALL: &str = "username = EXCLUDED.username, email = EXCLUDED.email, 
     locale = EXCLUDED.locale, time_zone = EXCLUDED.time_zone, \
     preferences = EXCLUDED.preferences";
 
-/// Writes `views` in one statement; a row only ever moves forward.
-#[tracing::instrument(name = "sql_upsert_views", skip_all, fields(views = views.len()))]
-pub async fn upsert_many(tx: &mut PgConnection, views: &[&UserView]) -> Result<u64, sqlx::Error> {
-    upsert_into(tx, "user_views", views).await
-}
-
 /// Writes `views` into `table` (`user_views` or a generation being built,
 /// named by the caller, never by input) in one statement, each unless the
 /// table already has that user at the same or a newer version.
-///
-/// The views travel as one array per column through UNNEST. UNNEST flattens
-/// a two-dimensional array, and PostgreSQL has no array of arrays, so each
-/// view's roles travel as one array literal ([`roles_literal`]) and are cast
-/// back to `text[]` per row. Preferences travel as a `jsonb[]`, one object
-/// per view (jsonb is a scalar to UNNEST, so no flattening happens).
 #[tracing::instrument(name = "sql_upsert_into", skip_all, fields(table = %table, views = views.len()))]
 pub async fn upsert_into(
     conn: &mut PgConnection,
@@ -227,6 +215,24 @@ pub async fn upsert_into(
     if views.is_empty() {
         return Ok(0);
     }
+    let mut query = QueryBuilder::new("");
+    push_upsert(&mut query, table, views);
+    Ok(query.build().execute(conn).await?.rows_affected())
+}
+
+/// Appends the statement of [`upsert_into`] to `query`, so that a caller can
+/// make it part of a larger one. `views` must not be empty.
+///
+/// The views travel as one array per column through UNNEST. UNNEST flattens
+/// a two-dimensional array, and PostgreSQL has no array of arrays, so each
+/// view's roles travel as one array literal ([`roles_literal`]) and are cast
+/// back to `text[]` per row. Preferences travel as a `jsonb[]`, one object
+/// per view (jsonb is a scalar to UNNEST, so no flattening happens).
+pub fn push_upsert<'a>(
+    query: &mut QueryBuilder<'a, Postgres>,
+    table: &str,
+    views: &[&'a UserView],
+) {
     let mut ids = Vec::with_capacity(views.len());
     let mut usernames = Vec::with_capacity(views.len());
     let mut emails = Vec::with_capacity(views.len());
@@ -257,37 +263,49 @@ pub async fn upsert_into(
         time_zones.push(view.profile.time_zone.as_deref());
         preferences.push(Json(&view.profile.preferences));
     }
-    let result = sqlx::query(&format!(
-        "INSERT INTO {table} ({COLUMNS}) \
-         SELECT v.id, v.username, v.email, v.status, v.version, v.registered_at, v.updated_at, \
-                v.roles::text[], v.locked_until, v.email_verified, v.display_name, v.locale, \
-                v.time_zone, v.preferences \
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], \
-                     $6::timestamptz[], $7::timestamptz[], $8::text[], $9::timestamptz[], \
-                     $10::boolean[], $11::text[], $12::text[], $13::text[], $14::jsonb[]) \
-              AS v(id, username, email, status, version, registered_at, updated_at, \
-                   roles, locked_until, email_verified, display_name, locale, time_zone, \
-                   preferences) \
-         ON CONFLICT (id) DO UPDATE SET {UPDATE_ALL} \
-         WHERE {table}.version < EXCLUDED.version"
-    ))
-    .bind(&ids)
-    .bind(&usernames)
-    .bind(&emails)
-    .bind(&statuses)
-    .bind(&versions)
-    .bind(&registered)
-    .bind(&updated)
-    .bind(&roles)
-    .bind(&locked_until)
-    .bind(&email_verified)
-    .bind(&display_names)
-    .bind(&locales)
-    .bind(&time_zones)
-    .bind(&preferences)
-    .execute(conn)
-    .await?;
-    Ok(result.rows_affected())
+    query
+        .push(format_args!(
+            "INSERT INTO {table} ({COLUMNS}) \
+             SELECT v.id, v.username, v.email, v.status, v.version, v.registered_at, v.updated_at, \
+                    v.roles::text[], v.locked_until, v.email_verified, v.display_name, v.locale, \
+                    v.time_zone, v.preferences \
+             FROM UNNEST("
+        ))
+        .push_bind(ids)
+        .push("::uuid[], ")
+        .push_bind(usernames)
+        .push("::text[], ")
+        .push_bind(emails)
+        .push("::text[], ")
+        .push_bind(statuses)
+        .push("::text[], ")
+        .push_bind(versions)
+        .push("::int[], ")
+        .push_bind(registered)
+        .push("::timestamptz[], ")
+        .push_bind(updated)
+        .push("::timestamptz[], ")
+        .push_bind(roles)
+        .push("::text[], ")
+        .push_bind(locked_until)
+        .push("::timestamptz[], ")
+        .push_bind(email_verified)
+        .push("::boolean[], ")
+        .push_bind(display_names)
+        .push("::text[], ")
+        .push_bind(locales)
+        .push("::text[], ")
+        .push_bind(time_zones)
+        .push("::text[], ")
+        .push_bind(preferences)
+        .push(format_args!(
+            "::jsonb[]) \
+             AS v(id, username, email, status, version, registered_at, updated_at, \
+                  roles, locked_until, email_verified, display_name, locale, time_zone, \
+                  preferences) \
+             ON CONFLICT (id) DO UPDATE SET {UPDATE_ALL} \
+             WHERE {table}.version < EXCLUDED.version"
+        ));
 }
 
 /// `roles` as a PostgreSQL array literal (`{"admin","support"}`), the input

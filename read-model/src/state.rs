@@ -1,7 +1,7 @@
 //! The `projection_state` row: which generation of the read model serves,
 //! which Redis namespace may be trusted, and the last committed batch number.
 
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::{PgConnection, PgExecutor, Postgres, QueryBuilder};
 
 use crate::cache::Namespace;
 
@@ -96,23 +96,20 @@ pub async fn load_for_batch(tx: &mut PgConnection) -> Result<(ProjectionState, i
     Ok((row.state, row.next_seq))
 }
 
-/// Records what a batch committed: its number, and the namespace still
-/// trusted after it (None when Redis could not be told about the batch).
-#[tracing::instrument(name = "sql_record_batch", skip(tx))]
-pub async fn record_batch(
-    tx: &mut PgConnection,
+/// Appends the statement that records what a batch committed to `query`
+/// (for the projector's one write statement): its number, and the namespace
+/// still trusted after it (None when Redis could not be told about the batch).
+pub fn push_record_batch(
+    query: &mut QueryBuilder<'_, Postgres>,
     batch_seq: i64,
     cache_epoch: Option<i64>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE projection_state SET batch_seq = $1, cache_epoch = $2, updated_at = now() \
-         WHERE singleton",
-    )
-    .bind(batch_seq)
-    .bind(cache_epoch)
-    .execute(tx)
-    .await?;
-    Ok(())
+) {
+    query
+        .push("UPDATE projection_state SET batch_seq = ")
+        .push_bind(batch_seq)
+        .push(", cache_epoch = ")
+        .push_bind(cache_epoch)
+        .push(", updated_at = now() WHERE singleton");
 }
 
 /// Sets the trusted namespace (None: stop trusting Redis).
