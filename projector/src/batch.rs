@@ -139,13 +139,10 @@ impl ReadModel {
             },
             async {
                 let mut tx = pool.begin_with(state::BEGIN_LOCKED).await?;
-                let (projection, next_seq) = state::load_for_batch(&mut tx).await?;
-                let views: HashMap<Uuid, UserView> = rows::load_many(&mut tx, &named)
-                    .await?
-                    .into_iter()
-                    .map(|v| (v.id, v))
-                    .collect();
-                Ok::<_, sqlx::Error>((tx, projection, next_seq, views))
+                let start = state::load_for_batch(&mut tx, &named).await?;
+                let views: HashMap<Uuid, UserView> =
+                    start.views.into_iter().map(|v| (v.id, v)).collect();
+                Ok::<_, sqlx::Error>((tx, start.state, start.next_seq, views))
             },
         )?;
 

@@ -178,22 +178,6 @@ impl ViewRows {
     }
 }
 
-/// The views of `ids`, read by a projection batch. Not row-locked: every
-/// writer of `user_views` holds the projection state lock
-/// ([`crate::state::BEGIN_LOCKED`]) for its whole transaction, so two
-/// projector instances overlapping in a rebalance cannot both apply the same
-/// event, and the read takes no xid.
-#[tracing::instrument(name = "sql_load_views", skip_all, fields(users = ids.len()))]
-pub async fn load_many(tx: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<UserView>, sqlx::Error> {
-    let rows: Vec<ViewRow> = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM user_views WHERE id = ANY($1)"
-    ))
-    .bind(ids)
-    .fetch_all(tx)
-    .await?;
-    into_views(rows)
-}
-
 /// What an upsert sets from `EXCLUDED`: every column but the key.
 const UPDATE_ALL: &str = "username = EXCLUDED.username, email = EXCLUDED.email, \
     status = EXCLUDED.status, version = EXCLUDED.version, \

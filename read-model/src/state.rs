@@ -1,9 +1,12 @@
 //! The `projection_state` row: which generation of the read model serves,
 //! which Redis namespace may be trusted, and the last committed batch number.
 
-use sqlx::{PgConnection, PgExecutor, Postgres, QueryBuilder};
+use events::UserView;
+use sqlx::{FromRow, PgConnection, PgExecutor, Postgres, QueryBuilder, Row};
+use uuid::Uuid;
 
 use crate::cache::Namespace;
+use crate::rows::{ViewRow, COLUMNS};
 
 /// NOTIFY channel raised whenever the row changes (a batch committed, the
 /// namespace changed, a rebuild switched).
@@ -75,25 +78,51 @@ pub async fn lock(tx: &mut PgConnection) -> Result<ProjectionState, sqlx::Error>
     load(tx).await
 }
 
-#[derive(sqlx::FromRow)]
-struct StateAndSeq {
-    #[sqlx(flatten)]
-    state: ProjectionState,
-    next_seq: i64,
+/// What a batch starts from ([`load_for_batch`]).
+pub struct BatchStart {
+    pub state: ProjectionState,
+    /// The number the batch commits under if it changes views (drawn now to
+    /// save a round trip; a number drawn by a batch that changes nothing is
+    /// never used).
+    pub next_seq: i64,
+    /// The current views of the users asked for that have one.
+    pub views: Vec<UserView>,
 }
 
-/// With the lock held ([`BEGIN_LOCKED`]): the state, and the number the batch
-/// commits under if it changes views (drawn now to save a round trip; a
-/// number drawn by a batch that changes nothing is never used).
-#[tracing::instrument(name = "sql_load_state_for_batch", skip_all)]
-pub async fn load_for_batch(tx: &mut PgConnection) -> Result<(ProjectionState, i64), sqlx::Error> {
-    let row: StateAndSeq = sqlx::query_as(
-        "SELECT projection_version, cache_epoch, batch_seq, applied_xid, applied_position, \
-           nextval('projection_batch_seq') AS next_seq FROM projection_state WHERE singleton",
-    )
-    .fetch_one(tx)
+/// With the lock held ([`BEGIN_LOCKED`]), in one round trip: the state, the
+/// batch's number, and the views of `users`. One row per view found, each
+/// carrying the state; a single row with no view when none is. The views
+/// are not row-locked: every writer of `user_views` holds the state lock for
+/// its whole transaction, so two projector instances overlapping in a
+/// rebalance cannot both apply the same event, and the read takes no xid.
+#[tracing::instrument(name = "sql_load_for_batch", skip_all, fields(users = users.len()))]
+pub async fn load_for_batch(
+    tx: &mut PgConnection,
+    users: &[Uuid],
+) -> Result<BatchStart, sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "WITH s AS (SELECT projection_version, cache_epoch, batch_seq, applied_xid, \
+           applied_position, nextval('projection_batch_seq') AS next_seq \
+           FROM projection_state WHERE singleton) \
+         SELECT s.*, {COLUMNS} FROM s LEFT JOIN user_views ON id = ANY($1)"
+    ))
+    .bind(users)
+    .fetch_all(tx)
     .await?;
-    Ok((row.state, row.next_seq))
+    let first = rows.first().ok_or(sqlx::Error::RowNotFound)?;
+    let state = ProjectionState::from_row(first)?;
+    let next_seq = first.try_get("next_seq")?;
+    let mut views = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
+            views.push(UserView::try_from(ViewRow::from_row(row)?)?);
+        }
+    }
+    Ok(BatchStart {
+        state,
+        next_seq,
+        views,
+    })
 }
 
 /// Appends the statement that records what a batch committed to `query`
