@@ -151,6 +151,31 @@ async fn step_queues_publishes_and_checkpoints_only_after_kafka_acknowledged() {
         unreachable.step(&mut conn, &mut progress).await.unwrap(),
         Step::Queued(1)
     );
+    // A NOTIFY while that batch waits ends the wait, and the batch stays in
+    // flight, first in line; the next step reads and queues behind it.
+    let woken = tokio::time::timeout(
+        Duration::from_secs(3),
+        unreachable.step_or_wake(&mut conn, &mut progress, std::future::ready(())),
+    )
+    .await;
+    assert_eq!(woken.expect("woken at once").unwrap(), Step::Woken);
+    assert_eq!(progress.in_flight(), 1);
+    append(&env.pool, user, 5, "stepper", None).await;
+    until_readable(&mut conn).await;
+    assert_eq!(
+        unreachable.step(&mut conn, &mut progress).await.unwrap(),
+        Step::Queued(1)
+    );
+    // With the pipeline full, a NOTIFY does not end the wait.
+    let full = tokio::time::timeout(
+        Duration::from_secs(2),
+        unreachable.step_or_wake(&mut conn, &mut progress, std::future::ready(())),
+    )
+    .await;
+    assert!(
+        full.is_err(),
+        "a full pipeline waits for acknowledgements: {full:?}"
+    );
     let waiting = tokio::time::timeout(
         Duration::from_secs(3),
         unreachable.step(&mut conn, &mut progress),

@@ -86,6 +86,9 @@ pub enum Step {
     Published(usize),
     /// Nothing committed is waiting and nothing is in flight.
     Idle,
+    /// New events committed while the oldest batch waited for its
+    /// acknowledgements and the pipeline had room: the next step reads them.
+    Woken,
 }
 
 type Acks = Pin<Box<dyn Future<Output = Result<(), KafkaError>> + Send>>;
@@ -220,7 +223,8 @@ impl Relay {
                     self.ensure_topic().await?;
                     topic_ready = true;
                 }
-                self.step(&mut conn, &mut progress).await
+                self.step_or_wake(&mut conn, &mut progress, notified(&mut listener))
+                    .await
             };
             let outcome = tokio::select! {
                 o = outcome => o,
@@ -231,6 +235,9 @@ impl Relay {
                     backoff = Duration::from_millis(200);
                     recheck = None;
                 }
+                // A NOTIFY came while a batch waited; if its event is not
+                // readable yet, the rechecks after an idle read apply.
+                Ok(Step::Woken) => recheck = next_recheck(None, true),
                 Ok(Step::Idle) => {
                     // The next step's read doubles as the session check.
                     let wait = recheck
@@ -289,11 +296,27 @@ impl Relay {
     /// `conn` is the leader's session; tests may pass any connection to the
     /// database. Every statement on it is bounded, and while it waits for
     /// acknowledgements the session is checked every `RELAY_SESSION_CHECK_MS`.
-    #[tracing::instrument(name = "relay_step", skip_all, fields(checkpoint = progress.checkpoint.global_position))]
     pub async fn step(
         &self,
         conn: &mut PgConnection,
         progress: &mut Progress,
+    ) -> Result<Step, RelayError> {
+        self.step_or_wake(conn, progress, std::future::pending())
+            .await
+    }
+
+    /// [`Self::step`], except that a wait for acknowledgements ends when
+    /// `committed` does (new events were committed: a NOTIFY) while the
+    /// pipeline has room for another batch. The waiting batch then goes back
+    /// to the front of the pipeline, and the next step reads the new events,
+    /// so they are queued on the producer behind it and leave as soon as it
+    /// is acknowledged, rather than after its checkpoint and a read.
+    #[tracing::instrument(name = "relay_step", skip_all, fields(checkpoint = progress.checkpoint.global_position))]
+    pub async fn step_or_wake(
+        &self,
+        conn: &mut PgConnection,
+        progress: &mut Progress,
+        committed: impl Future<Output = ()>,
     ) -> Result<Step, RelayError> {
         let timeout = self.settings.statement_timeout;
         if progress.in_flight.len() < PIPELINE_DEPTH {
@@ -323,18 +346,23 @@ impl Relay {
                 return Ok(Step::Queued(batch.len()));
             }
         }
-        let Some(oldest) = progress.in_flight.pop_front() else {
+        let Some(mut oldest) = progress.in_flight.pop_front() else {
             return Ok(Step::Idle);
         };
+        let room = progress.in_flight.len() + 1 < PIPELINE_DEPTH;
+        let mut committed = std::pin::pin!(committed);
         // Every message up to `oldest.last` is acknowledged before the
         // checkpoint may pass it. Meanwhile the session must stay alive: a
         // leader that lost it must stop, whatever Kafka does.
-        let mut acks = oldest.acks;
         loop {
             tokio::select! {
-                acked = &mut acks => break acked?,
+                acked = &mut oldest.acks => break acked?,
                 () = tokio::time::sleep(self.settings.session_check) => {
                     session::check(conn, timeout).await?;
+                }
+                () = &mut committed, if room => {
+                    progress.in_flight.push_front(oldest);
+                    return Ok(Step::Woken);
                 }
             }
         }
@@ -419,6 +447,14 @@ impl Relay {
             }
         }
         Ok(())
+    }
+}
+
+/// Ends when a NOTIFY arrives; never, if the listener fails (the relay
+/// then goes on as if none came: the poll and the session check still run).
+async fn notified(listener: &mut PgListener) {
+    if listener.recv().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
