@@ -34,7 +34,8 @@
 //! Every call has a short deadline, and after a failure to connect the cache
 //! stays off for a moment instead of making every request wait on a dead server.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use events::UserView;
@@ -209,7 +210,7 @@ const BREAKER_THRESHOLD: u32 = 3;
 const BREAKER_OPEN_FOR: Duration = Duration::from_millis(500);
 
 /// The circuit breaker in front of every Redis call.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 struct Breaker {
     failures: u32,
     open_until: Option<Instant>,
@@ -346,14 +347,16 @@ struct Inner {
     timeout: Duration,
     mark: redis::Script,
     put: redis::Script,
-    connection: Mutex<Connection>,
+    /// Set by the first connection that succeeds and kept: the manager
+    /// reconnects by itself. Read without a lock on every call.
+    manager: OnceLock<ConnectionManager>,
+    /// After a failed first connection: not before this.
+    retry_at: Mutex<Option<Instant>>,
     breaker: Mutex<Breaker>,
-}
-
-#[derive(Default)]
-struct Connection {
-    manager: Option<ConnectionManager>,
-    retry_at: Option<Instant>,
+    /// Whether the breaker is closed with no failure counted, the state of
+    /// nearly every call: then a call neither locks the breaker nor reads the
+    /// clock (two locks of a line both cores write, per read).
+    calm: AtomicBool,
 }
 
 impl ViewCache {
@@ -374,8 +377,10 @@ impl ViewCache {
                 timeout,
                 mark: redis::Script::new(MARK),
                 put: redis::Script::new(PUT),
-                connection: Mutex::new(Connection::default()),
+                manager: OnceLock::new(),
+                retry_at: Mutex::new(None),
                 breaker: Mutex::new(Breaker::default()),
+                calm: AtomicBool::new(true),
             }),
         })
     }
@@ -435,21 +440,23 @@ impl ViewCache {
     }
 
     async fn connection(&self) -> Result<ConnectionManager, CacheError> {
-        let admitted = self
-            .inner
-            .breaker
-            .lock()
-            .expect("breaker lock")
-            .admit(Instant::now(), self.inner.timeout);
-        if let Err(wait) = admitted {
-            return Err(CacheError::Unreachable(wait));
+        if !self.inner.calm.load(Ordering::Acquire) {
+            let admitted = self
+                .inner
+                .breaker
+                .lock()
+                .expect("breaker lock")
+                .admit(Instant::now(), self.inner.timeout);
+            if let Err(wait) = admitted {
+                return Err(CacheError::Unreachable(wait));
+            }
+        }
+        if let Some(manager) = self.inner.manager.get() {
+            return Ok(manager.clone());
         }
         {
-            let state = self.inner.connection.lock().expect("cache state lock");
-            if let Some(manager) = &state.manager {
-                return Ok(manager.clone());
-            }
-            if let Some(at) = state.retry_at {
+            let retry_at = *self.inner.retry_at.lock().expect("cache state lock");
+            if let Some(at) = retry_at {
                 let now = Instant::now();
                 if at > now {
                     return Err(CacheError::Unreachable(at - now));
@@ -470,15 +477,15 @@ impl ViewCache {
                     .map_err(CacheError::from)
             })
             .await;
-        let mut state = self.inner.connection.lock().expect("cache state lock");
+        let mut retry_at = self.inner.retry_at.lock().expect("cache state lock");
         match connected {
             Ok(manager) => {
-                state.manager = Some(manager.clone());
-                state.retry_at = None;
-                Ok(manager)
+                *retry_at = None;
+                // A call racing this one may have connected first: keep one.
+                Ok(self.inner.manager.get_or_init(|| manager).clone())
             }
             Err(error) => {
-                state.retry_at = Some(Instant::now() + RECONNECT_AFTER);
+                *retry_at = Some(Instant::now() + RECONNECT_AFTER);
                 Err(error)
             }
         }
@@ -492,10 +499,16 @@ impl ViewCache {
             .await
             .map_err(|_| CacheError::Timeout(self.inner.timeout))
             .and_then(|result| result);
+        if result.is_ok() && self.inner.calm.load(Ordering::Acquire) {
+            return result;
+        }
         let mut breaker = self.inner.breaker.lock().expect("breaker lock");
         let was = breaker.describe();
         breaker.record(result.is_ok(), Instant::now());
         let now = breaker.describe();
+        self.inner
+            .calm
+            .store(*breaker == Breaker::default(), Ordering::Release);
         drop(breaker);
         if was != now {
             metrics::gauge!("redis_breaker_open").set(f64::from(u8::from(now != "closed")));
