@@ -8,10 +8,13 @@
 //! What still cannot be applied is parked, one user at a time, and the batch
 //! goes on for everyone else.
 //!
-//! Order inside the transaction: lock `projection_state` (serialises batches,
-//! rebuild switches and namespace changes), lock the users' views, fold, write
-//! views, parked messages and partition progress, mark the changed users
-//! pending in Redis, commit; then put the new views in Redis.
+//! Order inside the transaction: take the state lock (serialises batches,
+//! rebuild switches and namespace changes) with `BEGIN`; read the state and
+//! the users' views in one statement, while a second connection reads the
+//! messages' events from the log; fold; mark the changed users pending in
+//! Redis; write parked messages, then the views, the partition progress and
+//! the batch record in one statement; commit; then put the new views in
+//! Redis. Every round trip here delays each event queued behind the batch.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
