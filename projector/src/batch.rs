@@ -302,8 +302,7 @@ impl ReadModel {
             messages,
             events: &events,
         });
-        let batch = (!changed.is_empty()).then_some((next_seq, epoch));
-        write(&mut tx, &changed, progress, batch).await?;
+        write(&mut tx, &changed, (next_seq, epoch), progress).await?;
         if marked_ns.is_some() && marked_at.elapsed() > MARK_COMMIT_WITHIN {
             // The marks may expire before a reader's late fill would meet them.
             metrics::counter!("projector_cache_dropped_total", "why" => "slow").increment(1);
@@ -362,40 +361,36 @@ struct Progress<'a> {
 }
 
 /// The batch's writes in one statement (one round trip, while the
-/// transaction holds an xid, which holds the relay back): the changed
-/// `views`, the partitions' `progress` (consumption only) and the `batch`
-/// record (number and trusted namespace) when views changed. Each but the
-/// last runs as a data-modifying `WITH` part of the last; they touch
-/// different tables.
+/// transaction holds an xid, which holds the relay back). Changed `views`
+/// come with the batch record (its number and trusted namespace, `batch`);
+/// the partitions' `progress` is recorded when consuming. The upsert and the
+/// progress run as data-modifying `WITH` parts of the batch record's
+/// UPDATE; they touch different tables.
 #[tracing::instrument(name = "sql_write_batch", skip_all, fields(views = views.len()))]
 async fn write(
     tx: &mut sqlx::PgConnection,
     views: &[&UserView],
+    (seq, epoch): (i64, Option<i64>),
     progress: Option<Progress<'_>>,
-    batch: Option<(i64, Option<i64>)>,
 ) -> Result<(), sqlx::Error> {
-    type Push<'a> = Box<dyn FnOnce(&mut QueryBuilder<'a, Postgres>) + Send + 'a>;
-    let mut parts: Vec<Push<'_>> = Vec::new();
-    if !views.is_empty() {
-        parts.push(Box::new(|q| rows::push_upsert(q, "user_views", views)));
+    let mut query = QueryBuilder::<Postgres>::new("");
+    match (views.is_empty(), progress) {
+        (true, None) => return Ok(()),
+        (true, Some(Progress { messages, events })) => {
+            log::push_progress(&mut query, messages, events);
+        }
+        (false, progress) => {
+            query.push("WITH views AS (");
+            rows::push_upsert(&mut query, "user_views", views);
+            query.push(")");
+            if let Some(Progress { messages, events }) = progress {
+                query.push(", progress AS (");
+                log::push_progress(&mut query, messages, events);
+                query.push(")");
+            }
+            state::push_record_batch(&mut query, seq, epoch);
+        }
     }
-    if let Some(Progress { messages, events }) = progress {
-        parts.push(Box::new(move |q| log::push_progress(q, messages, events)));
-    }
-    if let Some((seq, epoch)) = batch {
-        parts.push(Box::new(move |q| state::push_record_batch(q, seq, epoch)));
-    }
-    let Some(last) = parts.pop() else {
-        return Ok(());
-    };
-    let mut query = QueryBuilder::new("");
-    for (i, part) in parts.into_iter().enumerate() {
-        query.push(if i == 0 { "WITH " } else { ", " });
-        query.push(format_args!("w{i} AS ("));
-        part(&mut query);
-        query.push(")");
-    }
-    last(&mut query);
     query.build().execute(tx).await?;
     Ok(())
 }
