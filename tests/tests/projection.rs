@@ -273,6 +273,12 @@ async fn redis_is_told_of_a_batch_before_it_commits_or_stops_being_trusted() {
         panic!("the hot view was rewritten in Redis");
     };
     assert_eq!(hit.version, 2);
+    // The batch number recorded with the views is the one Redis was told of,
+    // not an earlier one: Redis has no batch after it.
+    assert!(matches!(
+        model.cache.get(ns, id, after.batch_seq + 1).await.unwrap(),
+        Lookup::Behind
+    ));
     // Nobody read eric: only a short-lived mark, no view.
     assert!(matches!(
         model.cache.get(ns, cold, after.batch_seq).await.unwrap(),
